@@ -1,0 +1,104 @@
+//! A boot-timer device compatible with Firecracker's: an MMIO page where
+//! the guest writes the byte 123 when it has booted. flatlet then logs
+//! `Guest-boot-time = <N> us <M> ms, <C> CPU us <D> CPU ms`: the wall and
+//! process CPU time since the VMM began building the VM, in the format
+//! tools written for Firecracker parse.
+
+use std::time::{Duration, Instant};
+
+use log::info;
+use nix::time::{ClockId, clock_gettime};
+
+use crate::bus::BusDevice;
+
+/// Guest-physical address of the boot-timer page (Firecracker's
+/// `BOOT_DEVICE_MEM_START`, the start of the 32-bit MMIO window).
+pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+/// Size of the boot-timer page.
+pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The byte a guest writes at offset 0 when it has booted.
+pub const MAGIC_BOOT_COMPLETE: u8 = 123;
+
+/// The process's CPU time so far (every thread).
+pub fn process_cpu_time() -> Duration {
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// When the VM build started.
+#[derive(Clone, Copy, Debug)]
+pub struct StartTime {
+    /// Wall-clock (monotonic) start.
+    pub wall: Instant,
+    /// Process CPU time at the start.
+    pub cpu: Duration,
+}
+
+impl StartTime {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: process_cpu_time(),
+        }
+    }
+}
+
+/// The boot-timer device.
+pub struct BootTimer {
+    start: StartTime,
+    /// Boot time of the last signal, for tests and metrics.
+    last: Option<Duration>,
+}
+
+impl BootTimer {
+    /// A timer measuring from `start`.
+    pub fn new(start: StartTime) -> Self {
+        Self { start, last: None }
+    }
+
+    /// The wall time from the start to the guest's last boot signal.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.last
+    }
+}
+
+impl BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset != 0 || data != [MAGIC_BOOT_COMPLETE] {
+            return;
+        }
+        let wall = self.start.wall.elapsed();
+        let cpu = process_cpu_time().saturating_sub(self.start.cpu);
+        self.last = Some(wall);
+        let (us, cpu_us) = (wall.as_micros(), cpu.as_micros());
+        info!(
+            "Guest-boot-time = {us:>6} us {} ms, {cpu_us:>6} CPU us {} CPU ms",
+            us / 1000,
+            cpu_us / 1000
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_magic_byte_at_offset_zero_counts() {
+        let mut t = BootTimer::new(StartTime::now());
+        t.write(1, &[MAGIC_BOOT_COMPLETE]);
+        t.write(0, &[122]);
+        t.write(0, &[MAGIC_BOOT_COMPLETE, 0]);
+        assert_eq!(t.boot_time(), None);
+        std::thread::sleep(Duration::from_millis(2));
+        t.write(0, &[MAGIC_BOOT_COMPLETE]);
+        let d = t.boot_time().expect("boot signal recorded");
+        assert!(d >= Duration::from_millis(2), "{d:?}");
+    }
+}

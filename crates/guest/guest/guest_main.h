@@ -1,0 +1,21 @@
+/* Interfaces between the guest's boot code (main.c) and what it runs. */
+#ifndef FLATLET_GUEST_MAIN_H
+#define FLATLET_GUEST_MAIN_H
+#include "guest.h"
+
+#define IRQ_VECTOR_BASE 32
+
+u32 lapic_read(u32 reg);
+void lapic_write(u32 reg, u32 v);
+void lapic_eoi(void);
+u32 lapic_id(void);
+
+void for_each_option(void (*f)(const char *word, u32 len));
+int option_is(const char *word, u32 len, const char *name);
+
+/* options.c */
+void run_options(void);
+void ap_idle(u32 id) __attribute__((noreturn));
+void handle_irq(u32 irq);
+
+#endif

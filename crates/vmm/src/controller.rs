@@ -1,0 +1,293 @@
+//! The controller: the VM's state machine. The CLI, a config file and the
+//! API all turn into the same [`Request`]s, handled here by one `match` on
+//! (state, request).
+
+use std::io::Write;
+
+use log::info;
+use serde::Serialize;
+
+use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineConfigUpdate, VmConfig};
+use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
+use crate::host::HostKind;
+use crate::vm::{self, BuildContext, BuildError, Vm};
+
+/// flatlet's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Something asked of the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `InstanceStart`.
+    Start,
+    /// `PATCH /vm` Paused.
+    Pause,
+    /// `PATCH /vm` Resumed.
+    Resume,
+    /// `SendCtrlAltDel`.
+    SendCtrlAltDel,
+    /// `GET /vm/config`.
+    GetVmConfig,
+}
+
+/// `GET /` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    /// The VMM's name.
+    pub app_name: String,
+    /// The instance id.
+    pub id: String,
+    /// `Not started`, `Running` or `Paused`.
+    pub state: String,
+    /// The VMM's version.
+    pub vmm_version: String,
+}
+
+/// `GET /vm/config` body (Firecracker's `FullVmConfiguration`, for the
+/// parts flatlet has).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FullVmConfig {
+    /// The boot source.
+    #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<crate::config::BootSourceConfig>,
+    /// The machine.
+    #[serde(rename = "machine-config")]
+    pub machine_config: MachineConfig,
+    /// Block devices (none yet).
+    pub drives: Vec<serde_json::Value>,
+    /// Network interfaces (none yet).
+    #[serde(rename = "network-interfaces")]
+    pub network_interfaces: Vec<serde_json::Value>,
+}
+
+/// What a request returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// Done, nothing to say.
+    Empty,
+    /// Instance information.
+    InstanceInfo(InstanceInfo),
+    /// Machine configuration.
+    MachineConfig(MachineConfig),
+    /// Full configuration.
+    VmConfig(Box<FullVmConfig>),
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The request is not allowed in the current state.
+    #[error("{0}")]
+    State(&'static str),
+    /// The VM could not be built.
+    #[error("cannot start the microVM: {0}")]
+    Build(#[from] BuildError),
+    /// vCPUs did not do as asked.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+impl ControllerError {
+    /// The process exit code when this error ends flatlet.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ControllerError::Config(_) | ControllerError::State(_) => EXIT_BAD_CONFIG,
+            ControllerError::Build(e) => e.exit_code(),
+            ControllerError::Vcpu(_) => EXIT_ERROR,
+        }
+    }
+}
+
+const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+const EXITED: &str = "The microVM has exited.";
+
+enum State {
+    NotStarted,
+    Running(Vm),
+    Paused(Vm),
+    Exited,
+}
+
+/// The controller.
+pub struct Controller {
+    id: String,
+    config: VmConfig,
+    state: State,
+    host: HostKind,
+    limits: HostLimits,
+    serial_out: ConsoleFactory,
+    kick_signal: i32,
+}
+
+/// Makes the writer guest console output goes to.
+pub type ConsoleFactory = Box<dyn Fn() -> Box<dyn Write + Send> + Send>;
+
+impl Controller {
+    /// A controller for instance `id`, with no VM yet.
+    pub fn new(
+        id: String,
+        host: HostKind,
+        limits: HostLimits,
+        serial_out: ConsoleFactory,
+        kick_signal: i32,
+    ) -> Self {
+        Self {
+            id,
+            config: VmConfig::default(),
+            state: State::NotStarted,
+            host,
+            limits,
+            serial_out,
+            kick_signal,
+        }
+    }
+
+    /// Sets the interrupt controller mode (before start).
+    pub fn set_irqchip(&mut self, mode: crate::irqchip::IrqchipMode) {
+        self.config.irqchip = mode;
+    }
+
+    /// The running (or paused) VM.
+    pub fn vm(&self) -> Option<&Vm> {
+        match &self.state {
+            State::Running(vm) | State::Paused(vm) => Some(vm),
+            _ => None,
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.state {
+            State::NotStarted => "Not started",
+            State::Running(_) => "Running",
+            State::Paused(_) => "Paused",
+            State::Exited => "Exited",
+        }
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, req: Request) -> Result<Response, ControllerError> {
+        match (&self.state, req) {
+            (_, Request::GetInstanceInfo) => Ok(Response::InstanceInfo(InstanceInfo {
+                app_name: "flatlet".into(),
+                id: self.id.clone(),
+                state: self.state_name().into(),
+                vmm_version: VERSION.into(),
+            })),
+            (_, Request::GetMachineConfig) => Ok(Response::MachineConfig(self.config.machine.clone())),
+            (_, Request::GetVmConfig) => Ok(Response::VmConfig(Box::new(FullVmConfig {
+                boot_source: self.config.boot.as_ref().map(BootSource::to_config),
+                machine_config: self.config.machine.clone(),
+                drives: vec![],
+                network_interfaces: vec![],
+            }))),
+            (State::NotStarted, Request::PutMachineConfig(m)) => {
+                m.validate(&self.limits)?;
+                self.config.machine = m;
+                Ok(Response::Empty)
+            }
+            (State::NotStarted, Request::PatchMachineConfig(u)) => {
+                let m = self.config.machine.apply(&u);
+                m.validate(&self.limits)?;
+                self.config.machine = m;
+                Ok(Response::Empty)
+            }
+            (State::NotStarted, Request::PutBootSource(b)) => {
+                b.validate()?;
+                self.config.boot = Some(b);
+                Ok(Response::Empty)
+            }
+            (State::NotStarted, Request::Start) => self.start(),
+            (State::NotStarted, Request::Pause | Request::Resume | Request::SendCtrlAltDel) => {
+                Err(ControllerError::State(NOT_BEFORE_START))
+            }
+            (State::Exited, _) => Err(ControllerError::State(EXITED)),
+            (
+                _,
+                Request::PutMachineConfig(_) | Request::PatchMachineConfig(_) | Request::PutBootSource(_),
+            ) => Err(ControllerError::State(NOT_AFTER_START)),
+            (_, Request::Start) => Err(ControllerError::State(
+                "The microVM is already running: InstanceStart is allowed once.",
+            )),
+            (State::Running(vm) | State::Paused(vm), Request::SendCtrlAltDel) => {
+                vm.send_ctrl_alt_del().map_err(ControllerError::Vcpu)?;
+                Ok(Response::Empty)
+            }
+            (State::Running(_) | State::Paused(_), Request::Pause) => self.pause(),
+            (State::Running(_) | State::Paused(_), Request::Resume) => self.resume(),
+        }
+    }
+
+    fn start(&mut self) -> Result<Response, ControllerError> {
+        self.config.machine.validate(&self.limits)?;
+        let ctx = BuildContext {
+            host: self.host,
+            serial_out: (self.serial_out)(),
+            kick_signal: self.kick_signal,
+        };
+        let vm = vm::build(&self.config, ctx)?;
+        self.state = State::Running(vm);
+        Ok(Response::Empty)
+    }
+
+    fn pause(&mut self) -> Result<Response, ControllerError> {
+        let state = std::mem::replace(&mut self.state, State::NotStarted);
+        self.state = match state {
+            State::Running(vm) => {
+                vm.pause().map_err(ControllerError::Vcpu)?;
+                info!("VM paused");
+                State::Paused(vm)
+            }
+            other => other,
+        };
+        Ok(Response::Empty)
+    }
+
+    fn resume(&mut self) -> Result<Response, ControllerError> {
+        let state = std::mem::replace(&mut self.state, State::NotStarted);
+        self.state = match state {
+            State::Paused(vm) => {
+                vm.resume().map_err(ControllerError::Vcpu)?;
+                info!("VM resumed");
+                State::Running(vm)
+            }
+            other => other,
+        };
+        Ok(Response::Empty)
+    }
+
+    /// If the VM has ended, stops its threads and returns why.
+    pub fn poll_exit(&mut self) -> Option<VmExit> {
+        let exit = self.vm()?.exit_reason()?;
+        if let State::Running(vm) | State::Paused(vm) = std::mem::replace(&mut self.state, State::Exited) {
+            if exit.is_clean() {
+                info!("VM ended: {exit}");
+            }
+            info!("guest memory touched: {} KiB", vm.touched_memory() / 1024);
+            vm.stop();
+        }
+        Some(exit)
+    }
+
+    /// Ends the VM (if any) for `reason`; returns how it ended (an end the
+    /// VM reported first wins).
+    pub fn shut_down(&mut self, reason: VmExit) -> VmExit {
+        if let Some(vm) = self.vm() {
+            vm.exit.report(reason.clone());
+        }
+        self.poll_exit().unwrap_or(reason)
+    }
+}

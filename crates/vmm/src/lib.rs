@@ -1,0 +1,20 @@
+//! The machine of flatlet: KVM, guest memory, vCPUs, boot, and the
+//! controller that owns a VM's life.
+//!
+//! This is the only crate that talks to KVM, and every `unsafe` operation
+//! of the workspace lives in one module of it, [`sys`].
+
+pub mod arch;
+pub mod config;
+pub mod controller;
+pub mod emulation;
+pub mod exit;
+pub mod host;
+pub mod irqchip;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod runtime;
+pub mod sys;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,285 @@
+//! The VMM thread: one event loop (event-manager) that owns the
+//! controller and waits on every event source: the end of the VM, the
+//! i8042 reset, console input, signals, API requests.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
+use flatlet_devices::bus::lock;
+use flatlet_devices::serial::Serial;
+use log::{debug, warn};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::controller::{Controller, ControllerError, Request, Response};
+use crate::exit::{ExitSignal, VmExit};
+
+/// A boxed event subscriber.
+pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// epoll failed.
+    #[error("event loop: {0}")]
+    EventManager(#[from] event_manager::Error),
+    /// An eventfd could not be made.
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where console input comes from.
+pub trait ConsoleInput: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+
+/// The VMM thread's loop.
+pub struct Runtime {
+    em: EventManager<Subscriber>,
+    controller: Controller,
+    stop: Arc<ExitSignal>,
+    console: Option<Box<dyn ConsoleInput>>,
+    vm_subscribers: Vec<SubscriberId>,
+}
+
+impl Runtime {
+    /// A loop around `controller`, feeding `console` (if any) to the
+    /// guest's serial port once the VM runs.
+    pub fn new(controller: Controller, console: Option<Box<dyn ConsoleInput>>) -> Result<Self, RuntimeError> {
+        let mut em: EventManager<Subscriber> = EventManager::new()?;
+        let stop = Arc::new(ExitSignal::new()?);
+        em.add_subscriber(Box::new(StopWatch { stop: stop.clone() }));
+        Ok(Self {
+            em,
+            controller,
+            stop,
+            console,
+            vm_subscribers: Vec::new(),
+        })
+    }
+
+    /// Where to report a request to end flatlet (a signal, a console
+    /// escape): the loop ends the VM and returns.
+    pub fn stop_handle(&self) -> Arc<ExitSignal> {
+        self.stop.clone()
+    }
+
+    /// Adds an event source.
+    pub fn add_subscriber(&mut self, s: Subscriber) -> SubscriberId {
+        self.em.add_subscriber(s)
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// Handles one request; a successful start hooks the VM's event
+    /// sources into the loop.
+    pub fn handle(&mut self, req: Request) -> Result<Response, ControllerError> {
+        let starting = req == Request::Start;
+        let result = self.controller.handle(req);
+        if starting && result.is_ok() {
+            self.watch_vm();
+        }
+        result
+    }
+
+    fn watch_vm(&mut self) {
+        let Some(vm) = self.controller.vm() else { return };
+        let (Ok(exit_evt), Ok(reset_evt)) = (vm.exit.evt.try_clone(), vm.reset_evt.try_clone()) else {
+            warn!("cannot watch the VM's events");
+            return;
+        };
+        let watch = VmWatch {
+            exit: vm.exit.clone(),
+            exit_evt,
+            reset_evt,
+        };
+        self.vm_subscribers.push(self.em.add_subscriber(Box::new(watch)));
+        if let Some(input) = self.console.take() {
+            match vm.serial_input_ready.try_clone() {
+                Ok(ready) => {
+                    let console = ConsolePump {
+                        input,
+                        serial: vm.serial.clone(),
+                        ready,
+                        pending: Vec::new(),
+                        stop: self.stop.clone(),
+                        escape: false,
+                        input_closed: false,
+                    };
+                    self.vm_subscribers
+                        .push(self.em.add_subscriber(Box::new(console)));
+                }
+                Err(e) => warn!("console input disabled: {e}"),
+            }
+        }
+    }
+
+    /// Runs one round of the loop (waiting at most `timeout_ms`, or forever
+    /// when negative). Returns how the VM or flatlet ended, if it did.
+    pub fn run_once(&mut self, timeout_ms: i32) -> Result<Option<VmExit>, RuntimeError> {
+        self.em.run_with_timeout(timeout_ms)?;
+        if let Some(reason) = self.stop.get() {
+            return Ok(Some(self.controller.shut_down(reason)));
+        }
+        Ok(self.controller.poll_exit())
+    }
+
+    /// Runs until the VM ends or flatlet is asked to stop.
+    pub fn run(&mut self) -> Result<VmExit, RuntimeError> {
+        loop {
+            if let Some(exit) = self.run_once(-1)? {
+                return Ok(exit);
+            }
+        }
+    }
+}
+
+/// Wakes the loop when a stop is requested.
+struct StopWatch {
+    stop: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for StopWatch {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.stop.evt.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.stop.evt, EventSet::IN)) {
+            warn!("cannot watch stop requests: {e}");
+        }
+    }
+}
+
+/// Wakes the loop when the VM ends, and turns the i8042 reset into the
+/// end of the VM.
+struct VmWatch {
+    exit: Arc<ExitSignal>,
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+}
+
+impl MutEventSubscriber for VmWatch {
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.exit.report(VmExit::Reset);
+        } else {
+            let _ = self.exit_evt.read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.exit_evt, &self.reset_evt] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                warn!("cannot watch the VM: {e}");
+            }
+        }
+    }
+}
+
+/// Ctrl-A, then `x`: leave the console (and end flatlet).
+const ESCAPE: u8 = 0x01;
+
+/// Moves console input into the UART, no faster than the guest reads it:
+/// what the FIFO cannot take waits in `pending` (and stdin is not read)
+/// until the UART signals room.
+struct ConsolePump {
+    input: Box<dyn ConsoleInput>,
+    serial: Arc<Mutex<Serial>>,
+    ready: EventFd,
+    pending: Vec<u8>,
+    stop: Arc<ExitSignal>,
+    escape: bool,
+    input_closed: bool,
+}
+
+impl ConsolePump {
+    fn input_fd(&self) -> RawFd {
+        self.input.as_raw_fd()
+    }
+
+    /// Pushes pending bytes into the UART.
+    fn push(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let taken = lock(&self.serial).enqueue_input(&self.pending);
+        self.pending.drain(..taken);
+    }
+
+    /// Reads what stdin has, watching for the escape sequence.
+    fn read_input(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        match self.input.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                debug!("console input closed");
+                self.input_closed = true;
+                let _ = ops.remove(Events::empty_raw(self.input_fd()));
+            }
+            Ok(n) => {
+                for &b in &buf[..n] {
+                    if self.escape {
+                        self.escape = false;
+                        if b == b'x' {
+                            self.stop.report(VmExit::ConsoleQuit);
+                            return;
+                        }
+                        if b != ESCAPE {
+                            self.pending.push(ESCAPE);
+                        }
+                        self.pending.push(b);
+                    } else if b == ESCAPE {
+                        self.escape = true;
+                    } else {
+                        self.pending.push(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches stdin only while nothing is pending.
+    fn update_interest(&self, ops: &mut EventOps) {
+        if self.input_closed {
+            return;
+        }
+        let want = if self.pending.is_empty() {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        let _ = ops.modify(Events::new_raw(self.input_fd(), want));
+    }
+}
+
+impl MutEventSubscriber for ConsolePump {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.ready.as_raw_fd() {
+            let _ = self.ready.read();
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            self.read_input(ops);
+        }
+        self.push();
+        self.update_interest(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.ready, EventSet::IN)) {
+            warn!("console input disabled: {e}");
+            return;
+        }
+        // A regular file or /dev/null cannot be polled: no console input.
+        if let Err(e) = ops.add(Events::new_raw(self.input_fd(), EventSet::IN)) {
+            debug!("console input not watched: {e}");
+            self.input_closed = true;
+        }
+    }
+}

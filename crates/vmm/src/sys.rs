@@ -1,0 +1,149 @@
+//! Every `unsafe` operation of flatlet, in one place.
+//!
+//! Each function here wraps one operation the safe crates do not offer,
+//! and states the invariant that makes it sound. Nothing else in the
+//! workspace uses `unsafe`.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::os::raw::{c_int, c_void};
+
+use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Maps every region of `memory` into the VM, one memory slot each,
+/// starting at slot 0.
+///
+/// The caller must keep `memory` alive, and unchanged, for as long as the
+/// VM exists: the `Vm` owns both, and drops its KVM file descriptors
+/// before the memory.
+pub fn map_guest_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mmap of `region.len()`
+        // bytes owned by `memory`, which the caller keeps alive and mapped
+        // as long as the VM (see the function's contract). The regions do
+        // not overlap (vm-memory refuses overlapping regions), so slots do
+        // not either.
+        unsafe { vm.set_user_memory_region(desc) }?;
+    }
+    Ok(())
+}
+
+/// The contents of a `KVM_EXIT_INTERNAL_ERROR` exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InternalError {
+    /// `KVM_INTERNAL_ERROR_*` suberror.
+    pub suberror: u32,
+    /// Valid words in `data`.
+    pub ndata: u32,
+    /// Suberror-specific data.
+    pub data: [u64; 16],
+}
+
+/// Reads the internal-error details of the exit `vcpu` just returned.
+/// Call only right after `KVM_RUN` returned `KVM_EXIT_INTERNAL_ERROR`.
+pub fn internal_error(vcpu: &mut VcpuFd) -> InternalError {
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        return InternalError::default();
+    }
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM
+    // fills the `internal` member of the union; every bit pattern is a
+    // valid value of that member (plain integers).
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    InternalError {
+        suberror: internal.suberror,
+        ndata: internal.ndata.min(16),
+        data: internal.data,
+    }
+}
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU this thread runs, for the kick
+    /// signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal handler: makes the current (or next) `KVM_RUN` of this
+/// thread return `EINTR` at once, so a kick can never be lost between a
+/// check of the vCPU's mailbox and its entry into the guest.
+extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was stored by this thread's `RunningVcpu`,
+        // points to its vCPU's kvm_run mapping, and is cleared before that
+        // mapping is unmapped; the handler runs on that same thread, so
+        // the mapping is live. A byte store is async-signal-safe.
+        unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// Installs the handler of the vCPU kick signal (process-wide, once).
+pub fn install_kick_handler(signum: c_int) -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(signum, kick_handler)
+}
+
+/// A vCPU owned by the thread that runs it, registered for kicks.
+///
+/// Not `Send`: it must stay on the thread whose thread-local slot points
+/// to its `kvm_run` page.
+pub struct RunningVcpu {
+    fd: VcpuFd,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl RunningVcpu {
+    /// Registers `fd` as the vCPU of the calling thread.
+    pub fn register(mut fd: VcpuFd) -> Self {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KVM_RUN.with(|slot| slot.set(run));
+        Self {
+            fd,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The vCPU.
+    pub fn fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+}
+
+impl Drop for RunningVcpu {
+    fn drop(&mut self) {
+        // Unregister before `fd` (and its kvm_run mapping) goes away.
+        KVM_RUN.with(|slot| slot.set(std::ptr::null_mut()));
+    }
+}
+
+/// Bytes of `memory` that are resident: the guest memory the VM touched.
+pub fn resident_bytes(memory: &GuestMemoryMmap) -> u64 {
+    let page = 4096usize;
+    let mut total = 0u64;
+    for region in memory.iter() {
+        let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `host` is the page-aligned start of a live mapping of
+        // `len` bytes (owned by `memory`, borrowed here), and `vec` has
+        // one byte per page of it, as mincore(2) requires.
+        let rc = unsafe { libc::mincore(host.cast::<c_void>(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64;
+        }
+    }
+    total
+}

@@ -1,0 +1,469 @@
+//! Building a VM from its configuration, and the running VM.
+//!
+//! The build order follows what KVM requires (irqchip before vCPUs, CPUID
+//! before the first `KVM_RUN`) and keeps the costly kernel calls few: on
+//! nested hosts each KVM call that synchronises the VM costs milliseconds.
+
+use std::io::Write;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flatlet_devices::boot_timer::{BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, BootTimer, StartTime};
+use flatlet_devices::bus::{Bus, BusError, lock};
+use flatlet_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN, KBD_IRQ};
+use flatlet_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use flatlet_devices::irq::IrqLine;
+use flatlet_devices::serial::{COM_PORT_LEN, COM1_IRQ, COM1_PORT, Serial};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use log::{debug, info, warn};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::arch::bootparams::{BootParamsError, ZeroPage, e820_map};
+use crate::arch::cpuid::{self, CpuidParams};
+use crate::arch::mptable::{self, MptableError};
+use crate::arch::regs::{self, RegsError};
+use crate::config::{ConfigError, VmConfig};
+use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, EXIT_KVM, ExitSignal, VmExit};
+use crate::host::HostKind;
+use crate::irqchip::{self, IrqchipError};
+use crate::layout::KVM_TSS_ADDRESS;
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::sys;
+use crate::vcpu::{MachineIo, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle, VcpuSetup};
+
+/// How long the VMM waits for vCPU threads to answer a command.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// No usable /dev/kvm.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user use it?)")]
+    KvmOpen(kvm_ioctls::Error),
+    /// A KVM capability flatlet needs is missing.
+    #[error("KVM on this host lacks {0}")]
+    KvmCapability(String),
+    /// A KVM call failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs than KVM allows here.
+    #[error("this host's KVM allows at most {max} vCPUs, not {requested}")]
+    TooManyVcpus { requested: u8, max: usize },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The interrupt controller.
+    #[error(transparent)]
+    Irqchip(#[from] IrqchipError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// The zero page.
+    #[error(transparent)]
+    BootParams(#[from] BootParamsError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// Boot page tables and GDT.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// Device placement.
+    #[error("device placement: {0}")]
+    Bus(#[from] BusError),
+    /// A thread or eventfd could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A vCPU could not be configured.
+    #[error("configuring vCPU {cpu}: {reason}")]
+    VcpuConfig { cpu: u8, reason: String },
+}
+
+impl BuildError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuildError::KvmOpen(_)
+            | BuildError::KvmCapability(_)
+            | BuildError::Kvm { .. }
+            | BuildError::Irqchip(_)
+            | BuildError::VcpuConfig { .. } => EXIT_KVM,
+            BuildError::TooManyVcpus { .. } | BuildError::Config(_) | BuildError::Loader(_) => {
+                EXIT_BAD_CONFIG
+            }
+            _ => EXIT_ERROR,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}
+
+/// What a build needs besides the configuration.
+pub struct BuildContext {
+    /// The host kind (decides the nested-host workarounds).
+    pub host: HostKind,
+    /// Where guest console output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// The kick signal of vCPU threads (its handler must be installed).
+    pub kick_signal: i32,
+}
+
+/// A running (or paused) VM.
+///
+/// Field order is drop order: vCPU threads first, then devices, the KVM
+/// file descriptors, and last the guest memory they map.
+pub struct Vm {
+    vcpus: Vec<VcpuHandle>,
+    vcpu_events: Receiver<VcpuEvent>,
+    /// Where the end of the VM is reported.
+    pub exit: Arc<ExitSignal>,
+    /// Written by the i8042 when the guest resets the machine.
+    pub reset_evt: EventFd,
+    /// The console UART.
+    pub serial: Arc<Mutex<Serial>>,
+    /// Readable when the UART can take more input.
+    pub serial_input_ready: EventFd,
+    /// The keyboard controller.
+    pub i8042: Arc<Mutex<I8042>>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    _io: Arc<MachineIo>,
+    _vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    _kvm: Kvm,
+    /// The command line the guest got.
+    pub cmdline: String,
+}
+
+/// Times the build steps, for the debug log.
+struct Steps {
+    last: Instant,
+}
+
+impl Steps {
+    fn mark(&mut self, what: &str) {
+        let now = Instant::now();
+        debug!("build: {what} took {} us", (now - self.last).as_micros());
+        self.last = now;
+    }
+}
+
+/// Builds and starts a VM.
+pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
+    let start = StartTime::now();
+    let mut steps = Steps { last: start.wall };
+    let machine = &config.machine;
+    let boot = config.boot.as_ref().ok_or(ConfigError::MissingBootSource)?;
+    let cpus = machine.vcpu_count;
+
+    let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
+    if !irqchip::supported(&kvm, config.irqchip) {
+        return Err(BuildError::KvmCapability(format!(
+            "the {} irqchip",
+            config.irqchip
+        )));
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(cpus) > max {
+        return Err(BuildError::TooManyVcpus { requested: cpus, max });
+    }
+    let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    steps.mark("KVM_CREATE_VM");
+    if matches!(ctx.host, HostKind::Vmx { .. }) {
+        // VMX needs a TSS area to run real-mode code (APs start there).
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    }
+    let chip = irqchip::create(&vm_fd, config.irqchip, mptable::ioapic_id(cpus))?;
+    steps.mark("irqchip");
+
+    let mem_bytes = (machine.mem_size_mib as u64) << 20;
+    let memory = memory::create(machine.mem_size_mib)?;
+    sys::map_guest_memory(&vm_fd, &memory).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    steps.mark("guest memory");
+
+    let kernel = loader::load_kernel(&memory, &boot.kernel)?;
+    let initrd = match &boot.initrd {
+        Some(path) => Some(loader::load_initrd(
+            &memory,
+            path,
+            &kernel,
+            memory::low_ram_end(mem_bytes),
+        )?),
+        None => None,
+    };
+    let cmdline = loader::build_cmdline(boot, &[])?;
+    let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
+    ZeroPage {
+        setup_header: kernel.setup_header,
+        cmdline_size,
+        initrd,
+        e820: e820_map(&memory::ram_regions(mem_bytes)),
+    }
+    .write(&memory)?;
+    mptable::write(&memory, cpus)?;
+    regs::write_boot_tables(&memory)?;
+    steps.mark("kernel and boot tables");
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+    let serial_input_ready = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        IrqLine::new(chip.controller.clone(), COM1_IRQ),
+        ctx.serial_out,
+        Some(serial_input_ready.try_clone().map_err(io_err("serial eventfd"))?),
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(io_err("reset eventfd"))?,
+        IrqLine::new(chip.controller.clone(), KBD_IRQ),
+    )));
+    let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN)?;
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    let mut mmio = Bus::new();
+    mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_SIZE)?;
+    if let Some(ioapic) = &chip.ioapic {
+        mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_SIZE)?;
+    }
+    let io = Arc::new(MachineIo {
+        pio,
+        mmio,
+        ioapic: chip.ioapic.clone(),
+    });
+
+    let (vcpus, vcpu_events) = start_vcpus(
+        VcpuStart {
+            kvm: &kvm,
+            vm_fd: &vm_fd,
+            config,
+            host: ctx.host,
+            io: &io,
+            exit: &exit,
+            kick_signal: ctx.kick_signal,
+            entry: kernel.entry,
+        },
+        &mut steps,
+    )?;
+    info!(
+        "VM started: {cpus} vCPU(s), {} MiB, {} irqchip, kernel {}, entry {:#x}",
+        machine.mem_size_mib,
+        config.irqchip,
+        match &boot.kernel {
+            crate::config::Kernel::Path(p) => p.display().to_string(),
+            crate::config::Kernel::Builtin(_) => crate::config::BUILTIN_KERNEL_NAME.into(),
+        },
+        kernel.entry
+    );
+    debug!("guest command line: {cmdline}");
+    Ok(Vm {
+        vcpus,
+        vcpu_events,
+        exit,
+        reset_evt,
+        serial,
+        serial_input_ready,
+        i8042,
+        boot_timer,
+        _io: io,
+        _vm_fd: vm_fd,
+        memory,
+        _kvm: kvm,
+        cmdline,
+    })
+}
+
+/// What starting the vCPUs needs.
+struct VcpuStart<'a> {
+    kvm: &'a Kvm,
+    vm_fd: &'a VmFd,
+    config: &'a VmConfig,
+    host: HostKind,
+    io: &'a Arc<MachineIo>,
+    exit: &'a Arc<ExitSignal>,
+    kick_signal: i32,
+    entry: u64,
+}
+
+/// Creates the vCPUs, lets each thread configure its own in parallel, and
+/// once all are ready lets them run.
+fn start_vcpus(
+    s: VcpuStart<'_>,
+    steps: &mut Steps,
+) -> Result<(Vec<VcpuHandle>, Receiver<VcpuEvent>), BuildError> {
+    let cpus = s.config.machine.vcpu_count;
+    let base_cpuid = s
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = s.kvm.check_extension(Cap::TscDeadlineTimer);
+    let mut fds = Vec::with_capacity(usize::from(cpus));
+    for i in 0..cpus {
+        fds.push(
+            s.vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+        );
+    }
+    let tsc_khz = fds.first().and_then(|fd| fd.get_tsc_khz().ok());
+    steps.mark("KVM_CREATE_VCPU");
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(usize::from(cpus));
+    for (index, fd) in (0..cpus).zip(fds) {
+        let mut cpuid = base_cpuid.clone();
+        cpuid::shape(
+            &mut cpuid,
+            &CpuidParams {
+                apic_id: index,
+                cpu_count: cpus,
+                smt: s.config.machine.smt,
+                tsc_deadline,
+                tsc_khz,
+                mask_for_emulator: s.host.emulates_guest_kernel(),
+            },
+        );
+        let (tx, rx) = mpsc::channel();
+        let setup = VcpuSetup {
+            index,
+            cpuid,
+            boot_entry: (index == 0).then_some(s.entry),
+        };
+        let ctx = VcpuContext {
+            io: s.io.clone(),
+            exit: s.exit.clone(),
+            commands: rx,
+            events: events_tx.clone(),
+            kick_signal: s.kick_signal,
+        };
+        match VcpuHandle::spawn(fd, setup, ctx, tx) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                stop_all(&handles, &events_rx);
+                return Err(BuildError::Io {
+                    what: "spawning a vCPU thread",
+                    source: e,
+                });
+            }
+        }
+    }
+    // Every thread reports its configuration; the first failure stops all.
+    let mut ready = 0;
+    while ready < handles.len() {
+        match events_rx.recv_timeout(VCPU_ANSWER_TIMEOUT) {
+            Ok(VcpuEvent::Configured(_, Ok(()))) => ready += 1,
+            Ok(VcpuEvent::Configured(cpu, Err(reason))) => {
+                stop_all(&handles, &events_rx);
+                return Err(BuildError::VcpuConfig { cpu, reason });
+            }
+            Ok(_) => {}
+            Err(_) => {
+                stop_all(&handles, &events_rx);
+                return Err(BuildError::VcpuConfig {
+                    cpu: ready as u8,
+                    reason: "no answer from the vCPU thread".into(),
+                });
+            }
+        }
+    }
+    steps.mark("vCPU configuration");
+    for h in &handles {
+        h.command(VcpuCommand::Run);
+    }
+    Ok((handles, events_rx))
+}
+
+/// Stops every vCPU thread and waits (boundedly) until they have ended.
+fn stop_all(handles: &[VcpuHandle], events: &Receiver<VcpuEvent>) {
+    for h in handles {
+        h.command(VcpuCommand::Stop);
+    }
+    let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+    while handles.iter().any(|h| !h.is_finished()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            warn!("some vCPU threads did not stop in time");
+            return;
+        }
+        // Stopped events arrive as threads end; other events are stale.
+        let _ = events.recv_timeout(left.min(Duration::from_millis(10)));
+    }
+}
+
+impl Vm {
+    /// Sends `cmd` to every vCPU and waits until each has answered with the
+    /// event `expect` makes for it.
+    fn command_all(&self, cmd: VcpuCommand, expect: fn(u8) -> VcpuEvent) -> Result<(), String> {
+        for h in &self.vcpus {
+            h.command(cmd);
+        }
+        let mut waiting: Vec<u8> = self.vcpus.iter().map(VcpuHandle::index).collect();
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        while !waiting.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vcpu_events.recv_timeout(left) {
+                Ok(ev) => waiting.retain(|i| expect(*i) != ev),
+                Err(_) => return Err(format!("vCPUs {waiting:?} did not answer {cmd:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPUs from entering the guest.
+    pub fn pause(&self) -> Result<(), String> {
+        self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) -> Result<(), String> {
+        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)
+    }
+
+    /// Ends every vCPU thread.
+    pub fn stop(self) {
+        stop_all(&self.vcpus, &self.vcpu_events);
+        for h in self.vcpus.into_iter().filter(VcpuHandle::is_finished) {
+            h.join();
+        }
+    }
+
+    /// Why the VM ended, if it has.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.exit.get()
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        lock(&self.i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Guest memory the VM has touched, in bytes.
+    pub fn touched_memory(&self) -> u64 {
+        sys::resident_bytes(&self.memory)
+    }
+
+    /// The boot time the guest signalled, if it did.
+    pub fn boot_time(&self) -> Option<Duration> {
+        lock(&self.boot_timer).boot_time()
+    }
+}

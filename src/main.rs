@@ -1,0 +1,172 @@
+//! The `flatlet` binary: command line, console, signals, exit codes. The
+//! machine itself is in the `flatlet-vmm` crate.
+
+mod cli;
+mod console;
+mod logger;
+mod signals;
+
+use std::fmt::Display;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kernel, MachineConfig};
+use flatlet_vmm::controller::{Controller, ControllerError, Request};
+use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
+use flatlet_vmm::host::HostKind;
+use flatlet_vmm::irqchip::IrqchipMode;
+use flatlet_vmm::runtime::{ConsoleInput, Runtime};
+use log::{error, info};
+
+use cli::{Cli, Command, CommonArgs, RunArgs};
+
+/// An error that ends flatlet: printed once, then the exit code.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: i32, message: impl Display) -> Self {
+        Self {
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::new(EXIT_BAD_CONFIG, e)
+    }
+}
+
+impl From<ControllerError> for Failure {
+    fn from(e: ControllerError) -> Self {
+        Failure::new(e.exit_code(), e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logger::init(cli.common.log_level);
+    let result = match &cli.command {
+        Some(Command::Run(args)) => run(args, &cli.common),
+        Some(Command::GuestImage { out }) => guest_image(out),
+        None => match &cli.config_file {
+            Some(path) if cli.no_api => run(&RunArgs::from_config_file(path), &cli.common),
+            _ => Err(Failure::new(
+                EXIT_BAD_CONFIG,
+                "nothing to do: use `flatlet run`, or `--config-file PATH --no-api` (see --help)",
+            )),
+        },
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(f) => {
+            error!("{}", f.message);
+            ExitCode::from(f.code as u8)
+        }
+    }
+}
+
+impl RunArgs {
+    fn from_config_file(path: &Path) -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            vcpus: None,
+            mem_mib: None,
+            config_file: Some(path.to_path_buf()),
+            irqchip: IrqchipMode::default(),
+        }
+    }
+}
+
+fn guest_image(out: &Path) -> Result<i32, Failure> {
+    std::fs::write(out, flatlet_guest::ELF)
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot write {}: {e}", out.display())))?;
+    info!(
+        "wrote the test guest ({} bytes) to {}",
+        flatlet_guest::ELF.len(),
+        out.display()
+    );
+    Ok(0)
+}
+
+/// The requests that configure and start the VM `args` describe.
+fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
+    let mut machine = MachineConfig::default();
+    let mut boot = BootSource {
+        kernel: Kernel::Builtin(flatlet_guest::ELF),
+        boot_args: None,
+        initrd: None,
+    };
+    if let Some(path) = &args.config_file {
+        let file = ConfigFile::load(path)?;
+        boot = BootSource::from_config(&file.boot_source)?;
+        if let Some(m) = file.machine_config {
+            machine = m;
+        }
+    }
+    if let Some(kernel) = &args.kernel {
+        boot.kernel = Kernel::Path(kernel.clone());
+    }
+    if let Some(initrd) = &args.initrd {
+        boot.initrd = Some(initrd.clone());
+    }
+    if let Some(cmdline) = &args.cmdline {
+        boot.boot_args = Some(cmdline.clone());
+    }
+    if let Some(v) = args.vcpus {
+        machine.vcpu_count = u8::try_from(v).map_err(|_| ConfigError::VcpuCount(v))?;
+    }
+    if let Some(mib) = args.mem_mib {
+        machine.mem_size_mib = mib;
+    }
+    Ok(vec![
+        Request::PutMachineConfig(machine),
+        Request::PutBootSource(boot),
+        Request::Start,
+    ])
+}
+
+/// A runtime with its controller, console and signal handling.
+fn runtime(common: &CommonArgs, irqchip: IrqchipMode) -> Result<Runtime, Failure> {
+    let host = HostKind::detect();
+    info!("KVM host: {host}");
+    let kick = vmm_sys_util::signal::SIGRTMIN();
+    flatlet_vmm::sys::install_kick_handler(kick)
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot install the vCPU kick handler: {e}")))?;
+    let mut controller = Controller::new(
+        common.id.clone(),
+        host,
+        HostLimits::probe(),
+        Box::new(console::output),
+        kick,
+    );
+    controller.set_irqchip(irqchip);
+    let input = console::input().map(|f| Box::new(f) as Box<dyn ConsoleInput>);
+    let mut rt = Runtime::new(controller, input).map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    let signals = signals::SignalWatch::install(rt.stop_handle())
+        .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot install signal handlers: {e}")))?;
+    rt.add_subscriber(Box::new(signals));
+    Ok(rt)
+}
+
+fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
+    let requests = run_requests(args)?;
+    let mut rt = runtime(common, args.irqchip)?;
+    for req in requests {
+        rt.handle(req)?;
+    }
+    let _raw = console::RawTerminal::enter();
+    let exit = rt.run().map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    if exit.is_clean() {
+        Ok(exit.exit_code())
+    } else {
+        Err(Failure::new(exit.exit_code(), exit))
+    }
+}
