@@ -37,6 +37,7 @@ static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 }
 
 /* console.c */
+void console_init(void);
 void console_lock(void);
 void console_unlock(void);
 void puts_raw(const char *s);

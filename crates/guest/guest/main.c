@@ -287,6 +287,7 @@ void bsp_main(const u8 *boot_params)
     copy_cmdline(boot_params);
     __asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
 
+    console_init();
     print("flatlet-guest: booting\n");
     setup_idt();
     load_idt();

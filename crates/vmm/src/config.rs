@@ -51,6 +51,13 @@ pub enum ConfigError {
     /// A path is empty.
     #[error("{0} is empty")]
     EmptyPath(&'static str),
+    /// A file cannot be read.
+    #[error("cannot read {what} {path}: {reason}")]
+    Unreadable {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     /// The config file could not be read or parsed.
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
@@ -220,11 +227,17 @@ impl BootSource {
         Ok(source)
     }
 
-    /// Checks the command line (the kernel and initrd files are checked
-    /// when the VM is built, where their contents are read).
+    /// Checks the command line, and that the kernel and initrd are
+    /// readable files (what they contain is checked when the VM is built).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(args) = &self.boot_args {
             validate_cmdline(args)?;
+        }
+        if let Kernel::Path(p) = &self.kernel {
+            check_readable_file("kernel", p)?;
+        }
+        if let Some(p) = &self.initrd {
+            check_readable_file("initrd", p)?;
         }
         Ok(())
     }
@@ -239,6 +252,21 @@ impl BootSource {
             boot_args: self.boot_args.clone(),
             initrd_path: self.initrd.as_ref().map(|p| p.display().to_string()),
         }
+    }
+}
+
+/// Checks that `path` is a regular file this process can read.
+fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::Unreadable {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(err("not a regular file".into())),
+        Err(e) => Err(err(e.to_string())),
     }
 }
 
@@ -462,11 +490,29 @@ mod tests {
 
     #[test]
     fn boot_source_from_config() {
-        let c: BootSourceConfig =
-            serde_json::from_str(r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#).unwrap();
+        let kernel = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let path = kernel.as_path().display().to_string();
+        let c: BootSourceConfig = serde_json::from_str(&format!(
+            r#"{{"kernel_image_path": "{path}", "boot_args": "console=ttyS0"}}"#
+        ))
+        .unwrap();
         let b = BootSource::from_config(&c).unwrap();
-        assert_eq!(b.kernel, Kernel::Path("/k".into()));
+        assert_eq!(b.kernel, Kernel::Path(path.clone().into()));
         assert_eq!(b.to_config(), c);
+        let missing = BootSourceConfig {
+            kernel_image_path: "/nonexistent/vmlinux".into(),
+            ..c.clone()
+        };
+        assert!(matches!(
+            BootSource::from_config(&missing),
+            Err(ConfigError::Unreadable { what: "kernel", .. })
+        ));
+        let dir = BootSourceConfig {
+            initrd_path: Some("/".into()),
+            ..c.clone()
+        };
+        let e = BootSource::from_config(&dir).unwrap_err();
+        assert_eq!(e.to_string(), "cannot read initrd /: not a regular file");
         let empty = BootSourceConfig {
             kernel_image_path: String::new(),
             boot_args: None,

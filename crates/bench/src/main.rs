@@ -1,0 +1,224 @@
+//! `flatlet-bench`: measures microVM launches with flatlet (and, later,
+//! container starts) side by side, on this machine.
+
+mod probe;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use probe::{Measurement, Ready};
+use stats::Summary;
+
+#[derive(Debug, Parser)]
+#[command(name = "flatlet-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Launch the built-in test guest N times (per irqchip mode) and report
+    /// the medians: process start to the first console byte, the
+    /// Guest-boot-time, process start to exit, peak RSS and peak RSS less
+    /// the guest memory the VM touched.
+    Boot {
+        /// Measured launches per variant.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Unmeasured launches first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// vCPUs of the guest.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// irqchip modes to compare (comma-separated: split, full, full-pit).
+        #[arg(long, default_value = "split", value_delimiter = ',')]
+        irqchip: Vec<String>,
+        /// The flatlet binary (default: the one next to flatlet-bench).
+        #[arg(long)]
+        flatlet: Option<PathBuf>,
+    },
+    /// Measures one launch (used by the benchmarks themselves, so that each
+    /// launch's resource usage is its own). Prints JSON.
+    #[command(hide = true)]
+    Probe {
+        /// first-byte, exit, or line:TEXT.
+        #[arg(long, default_value = "exit")]
+        ready: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+        /// The command.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+}
+
+/// A thing to launch and measure.
+#[derive(Clone, Debug)]
+struct Contender {
+    name: String,
+    argv: Vec<String>,
+    ready: String,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Probe {
+            ready,
+            timeout_ms,
+            argv,
+        } => {
+            let ready = match Ready::parse(&ready) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("flatlet-bench: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let m = probe::measure(&argv, &ready, Duration::from_millis(timeout_ms));
+            println!("{}", serde_json::to_string(&m).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Cmd::Boot {
+            runs,
+            warmup,
+            vcpus,
+            irqchip,
+            flatlet,
+        } => match boot(runs, warmup, vcpus, &irqchip, flatlet) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flatlet-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+    let p = me.with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{} not found (build it, or pass its path)", p.display()))
+    }
+}
+
+/// Runs one launch of `c` in a fresh probe process.
+fn measure_in_probe(c: &Contender) -> Result<Measurement, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(me)
+        .args(["probe", "--ready", &c.ready, "--"])
+        .args(&c.argv)
+        .output()
+        .map_err(|e| format!("cannot run the probe: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "probe output: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Runs `runs` measured launches of each contender, interleaved (A B C A B
+/// C ...) so that a drifting machine favours none, after `warmup` rounds.
+fn run_interleaved(
+    contenders: &[Contender],
+    runs: usize,
+    warmup: usize,
+) -> Result<Vec<Vec<Measurement>>, String> {
+    let mut samples = vec![Vec::with_capacity(runs); contenders.len()];
+    for round in 0..warmup + runs {
+        for (i, c) in contenders.iter().enumerate() {
+            let m = measure_in_probe(c)?;
+            if let Some(e) = &m.error {
+                return Err(format!("{} failed: {e}", c.name));
+            }
+            if round >= warmup {
+                samples[i].push(m);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn fmt_ms(us: Option<Summary>) -> String {
+    us.map(|s| format!("{:>7.2} ({:>6.2})", s.median / 1000.0, s.p95 / 1000.0))
+        .unwrap_or_else(|| format!("{:>16}", "-"))
+}
+
+fn fmt_kib(kib: Option<Summary>) -> String {
+    kib.map(|s| format!("{:>7.2}", s.median / 1024.0))
+        .unwrap_or_else(|| format!("{:>7}", "-"))
+}
+
+fn boot(
+    runs: usize,
+    warmup: usize,
+    vcpus: u32,
+    irqchip: &[String],
+    flatlet: Option<PathBuf>,
+) -> Result<(), String> {
+    let flatlet = match flatlet {
+        Some(p) => p,
+        None => sibling("flatlet")?,
+    };
+    let contenders: Vec<Contender> = irqchip
+        .iter()
+        .map(|mode| Contender {
+            name: format!("flatlet ({mode} irqchip)"),
+            argv: vec![
+                flatlet.display().to_string(),
+                "run".into(),
+                "--vcpus".into(),
+                vcpus.to_string(),
+                "--irqchip".into(),
+                mode.clone(),
+            ],
+            ready: "line:Guest-boot-time".into(),
+        })
+        .collect();
+    eprintln!(
+        "flatlet-bench: {runs} launches of the test guest ({vcpus} vCPU) per variant, after {warmup} warm-up rounds"
+    );
+    let samples = run_interleaved(&contenders, runs, warmup)?;
+    println!(
+        "{:<26} {:>16} {:>16} {:>16} {:>7} {:>7} {:>16}",
+        "median (p95), ms / MiB",
+        "start->1st byte",
+        "Guest-boot-time",
+        "start->exit",
+        "RSS",
+        "RSS-mem",
+        "CPU"
+    );
+    for (c, ms) in contenders.iter().zip(&samples) {
+        let pick = |f: &dyn Fn(&Measurement) -> Option<f64>| {
+            Summary::of(&ms.iter().filter_map(f).collect::<Vec<_>>())
+        };
+        let rss = pick(&|m| Some(m.max_rss_kib as f64));
+        let net = pick(&|m| {
+            m.guest_touched_kib
+                .map(|t| m.max_rss_kib.saturating_sub(t) as f64)
+        });
+        println!(
+            "{:<26} {} {} {} {} {} {}",
+            c.name,
+            fmt_ms(pick(&|m| m.first_byte_us)),
+            fmt_ms(pick(&|m| m.guest_boot_us)),
+            fmt_ms(pick(&|m| Some(m.exit_us))),
+            fmt_kib(rss),
+            fmt_kib(net),
+            fmt_ms(pick(&|m| Some(m.cpu_us))),
+        );
+    }
+    Ok(())
+}
