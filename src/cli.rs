@@ -83,6 +83,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub mem_mib: Option<usize>,
 
+    /// A virtio block device backed by a raw image: `PATH[,ro][,root][,id=ID][,cache=unsafe|writeback]`.
+    /// `root` boots from it (adds `root=/dev/vda` to the command line). Repeatable.
+    #[arg(long = "drive", value_name = "SPEC")]
+    pub drives: Vec<String>,
+
+    /// A virtio network device on an existing TAP device: `TAP[,mac=MAC][,id=ID]`. Repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
+
     /// Read the VM's configuration from a Firecracker-style JSON file;
     /// the options above override it.
     #[arg(long, value_name = "PATH")]

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use flatlet_vmm::config::devices::{parse_drive_option, parse_net_option};
 use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kernel, MachineConfig};
 use flatlet_vmm::controller::{Controller, ControllerError, Request};
 use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
@@ -79,6 +80,8 @@ impl RunArgs {
             cmdline: None,
             vcpus: None,
             mem_mib: None,
+            drives: Vec::new(),
+            nets: Vec::new(),
             config_file: Some(path.to_path_buf()),
             irqchip: IrqchipMode::default(),
         }
@@ -99,6 +102,8 @@ fn guest_image(out: &Path) -> Result<i32, Failure> {
 /// The requests that configure and start the VM `args` describe.
 fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     let mut machine = MachineConfig::default();
+    let mut drives = Vec::new();
+    let mut nets = Vec::new();
     let mut boot = BootSource {
         kernel: Kernel::Builtin(flatlet_guest::ELF),
         boot_args: None,
@@ -110,6 +115,14 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         if let Some(m) = file.machine_config {
             machine = m;
         }
+        drives = file.drives;
+        nets = file.network_interfaces;
+    }
+    for spec in &args.drives {
+        drives.push(parse_drive_option(spec, drives.len())?);
+    }
+    for spec in &args.nets {
+        nets.push(parse_net_option(spec, nets.len())?);
     }
     if let Some(kernel) = &args.kernel {
         boot.kernel = Kernel::Path(kernel.clone());
@@ -126,11 +139,11 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     if let Some(mib) = args.mem_mib {
         machine.mem_size_mib = mib;
     }
-    Ok(vec![
-        Request::PutMachineConfig(machine),
-        Request::PutBootSource(boot),
-        Request::Start,
-    ])
+    let mut requests = vec![Request::PutMachineConfig(machine), Request::PutBootSource(boot)];
+    requests.extend(drives.into_iter().map(Request::PutDrive));
+    requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
+    requests.push(Request::Start);
+    Ok(requests)
 }
 
 /// A runtime with its controller, console and signal handling.

@@ -1,6 +1,8 @@
 //! Every kind of bad input gives a clear error and its exit code, and
 //! never a panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::Duration;

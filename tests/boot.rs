@@ -2,6 +2,8 @@
 //! boot-timer line, the command line, the config file, exit codes, and
 //! the recovery from nested-host emulation failures.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{BOOT_LIMIT, TempDir, flatlet, host_is_pvm, kvm_or_skip, run};

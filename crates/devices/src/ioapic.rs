@@ -51,8 +51,8 @@ pub struct MsiMessage {
 
 /// Where the I/O APIC sends interrupts.
 pub trait MsiSink: Send + Sync {
-    /// Delivers one MSI to the local APICs.
-    fn send(&self, msg: MsiMessage) -> io::Result<()>;
+    /// Delivers one MSI, the message of pin `pin`, to the local APICs.
+    fn send(&self, pin: usize, msg: MsiMessage) -> io::Result<()>;
     /// Tells the sink that pin `pin` now routes to `route` (None: masked).
     /// The VMM uses level-triggered routes to get the guest's EOIs back.
     fn route_changed(&self, pin: usize, route: Option<MsiMessage>);
@@ -104,7 +104,7 @@ impl IoApic {
             }
             self.redirection[pin] |= REMOTE_IRR;
         }
-        if let Err(e) = self.sink.send(Self::msi(entry)) {
+        if let Err(e) = self.sink.send(pin, Self::msi(entry)) {
             warn!("ioapic: delivering pin {pin} failed: {e}");
         }
     }
@@ -255,7 +255,7 @@ pub(crate) mod tests {
     }
 
     impl MsiSink for RecordingSink {
-        fn send(&self, msg: MsiMessage) -> io::Result<()> {
+        fn send(&self, _pin: usize, msg: MsiMessage) -> io::Result<()> {
             self.sent.lock().unwrap().push(msg);
             Ok(())
         }

@@ -11,4 +11,6 @@ pub mod bus;
 pub mod i8042;
 pub mod ioapic;
 pub mod irq;
+pub mod ratelimit;
 pub mod serial;
+pub mod virtio;

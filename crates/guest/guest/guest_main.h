@@ -13,6 +13,9 @@ u32 lapic_id(void);
 void for_each_option(void (*f)(const char *word, u32 len));
 int option_is(const char *word, u32 len, const char *name);
 
+/* virtio.c */
+void virtio_run(void);
+
 /* options.c */
 void run_options(void);
 void ap_idle(u32 id) __attribute__((noreturn));

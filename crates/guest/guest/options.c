@@ -32,6 +32,7 @@ static void crash_emulation(void)
 
 void run_options(void)
 {
+    virtio_run();
     for_each_option(parse_option);
     if (want_int3) {
         print("flatlet-guest: executing int3\n");

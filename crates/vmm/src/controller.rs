@@ -7,6 +7,7 @@ use std::io::Write;
 use log::info;
 use serde::Serialize;
 
+use crate::config::devices::{self, DriveConfig, NetConfig};
 use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineConfigUpdate, VmConfig};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
 use crate::host::HostKind;
@@ -28,6 +29,10 @@ pub enum Request {
     PatchMachineConfig(MachineConfigUpdate),
     /// `PUT /boot-source`.
     PutBootSource(BootSource),
+    /// `PUT /drives/{id}`: adds a drive, or replaces the one with its id.
+    PutDrive(DriveConfig),
+    /// `PUT /network-interfaces/{id}`: adds or replaces an interface.
+    PutNetworkInterface(NetConfig),
     /// `InstanceStart`.
     Start,
     /// `PATCH /vm` Paused.
@@ -63,11 +68,11 @@ pub struct FullVmConfig {
     /// The machine.
     #[serde(rename = "machine-config")]
     pub machine_config: MachineConfig,
-    /// Block devices (none yet).
-    pub drives: Vec<serde_json::Value>,
-    /// Network interfaces (none yet).
+    /// Block devices.
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces.
     #[serde(rename = "network-interfaces")]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetConfig>,
 }
 
 /// What a request returns.
@@ -191,8 +196,8 @@ impl Controller {
             (_, Request::GetVmConfig) => Ok(Response::VmConfig(Box::new(FullVmConfig {
                 boot_source: self.config.boot.as_ref().map(BootSource::to_config),
                 machine_config: self.config.machine.clone(),
-                drives: vec![],
-                network_interfaces: vec![],
+                drives: self.config.drives.clone(),
+                network_interfaces: self.config.nets.clone(),
             }))),
             (State::NotStarted, Request::PutMachineConfig(m)) => {
                 m.validate(&self.limits)?;
@@ -210,6 +215,24 @@ impl Controller {
                 self.config.boot = Some(b);
                 Ok(Response::Empty)
             }
+            (State::NotStarted, Request::PutDrive(d)) => {
+                d.validate()?;
+                let mut drives = self.config.drives.clone();
+                upsert(&mut drives, d, |a, b| a.drive_id == b.drive_id);
+                devices::validate_drives(&drives)?;
+                devices::validate_count(drives.len(), self.config.nets.len())?;
+                self.config.drives = drives;
+                Ok(Response::Empty)
+            }
+            (State::NotStarted, Request::PutNetworkInterface(n)) => {
+                n.validate()?;
+                let mut nets = self.config.nets.clone();
+                upsert(&mut nets, n, |a, b| a.iface_id == b.iface_id);
+                devices::validate_nets(&nets)?;
+                devices::validate_count(self.config.drives.len(), nets.len())?;
+                self.config.nets = nets;
+                Ok(Response::Empty)
+            }
             (State::NotStarted, Request::Start) => self.start(),
             (State::NotStarted, Request::Pause | Request::Resume | Request::SendCtrlAltDel) => {
                 Err(ControllerError::State(NOT_BEFORE_START))
@@ -217,7 +240,11 @@ impl Controller {
             (State::Exited, _) => Err(ControllerError::State(EXITED)),
             (
                 _,
-                Request::PutMachineConfig(_) | Request::PatchMachineConfig(_) | Request::PutBootSource(_),
+                Request::PutMachineConfig(_)
+                | Request::PatchMachineConfig(_)
+                | Request::PutBootSource(_)
+                | Request::PutDrive(_)
+                | Request::PutNetworkInterface(_),
             ) => Err(ControllerError::State(NOT_AFTER_START)),
             (_, Request::Start) => Err(ControllerError::State(
                 "The microVM is already running: InstanceStart is allowed once.",
@@ -289,5 +316,13 @@ impl Controller {
             vm.exit.report(reason.clone());
         }
         self.poll_exit().unwrap_or(reason)
+    }
+}
+
+/// Replaces the element `same` as `new`, or appends `new`.
+fn upsert<T>(list: &mut Vec<T>, new: T, same: impl Fn(&T, &T) -> bool) {
+    match list.iter_mut().find(|x| same(x, &new)) {
+        Some(slot) => *slot = new,
+        None => list.push(new),
     }
 }

@@ -26,6 +26,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VmFd};
 use log::warn;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Which interrupt controller and timer a VM gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub struct Irqchip {
     pub controller: Arc<dyn InterruptController>,
     /// flatlet's I/O APIC, for the MMIO bus and EOI exits (split only).
     pub ioapic: Option<Arc<Mutex<IoApic>>>,
+    /// Where irqfds are attached (split only).
+    pub msi_sink: Option<Arc<KvmMsiSink>>,
 }
 
 /// Creates the interrupt controller of `vm`. Call before creating vCPUs.
@@ -95,10 +98,11 @@ pub fn create(vm: &Arc<VmFd>, mode: IrqchipMode, ioapic_id: u8) -> Result<Irqchi
             cap.args[0] = NUM_PINS as u64;
             vm.enable_cap(&cap).map_err(err)?;
             let sink = Arc::new(KvmMsiSink::new(vm.clone()));
-            let ioapic = Arc::new(Mutex::new(IoApic::new(ioapic_id, sink)));
+            let ioapic = Arc::new(Mutex::new(IoApic::new(ioapic_id, sink.clone())));
             Ok(Irqchip {
                 controller: ioapic.clone(),
                 ioapic: Some(ioapic),
+                msi_sink: Some(sink),
             })
         }
         IrqchipMode::Full | IrqchipMode::FullWithPit => {
@@ -113,6 +117,7 @@ pub fn create(vm: &Arc<VmFd>, mode: IrqchipMode, ioapic_id: u8) -> Result<Irqchi
             Ok(Irqchip {
                 controller: Arc::new(KvmIrqLines { vm: vm.clone() }),
                 ioapic: None,
+                msi_sink: None,
             })
         }
     }
@@ -127,19 +132,66 @@ pub fn supported(kvm: &kvm_ioctls::Kvm, mode: IrqchipMode) -> bool {
     }
 }
 
-/// Delivers the I/O APIC's MSIs with KVM_SIGNAL_MSI, and keeps a GSI route
-/// for each level-triggered pin so that KVM reports the guest's EOIs for
-/// them (KVM_EXIT_IOAPIC_EOI).
-struct KvmMsiSink {
+/// Delivers the I/O APIC's MSIs: through the pin's irqfd once one is
+/// registered (and KVM holds the route for the pin's current message),
+/// through KVM_SIGNAL_MSI before that. KVM gets GSI routes only for pins
+/// that need them: pins with an irqfd, and level-triggered pins (so that
+/// KVM reports the guest's EOIs for them, KVM_EXIT_IOAPIC_EOI).
+pub struct KvmMsiSink {
     vm: Arc<VmFd>,
-    level_routes: Mutex<[Option<MsiMessage>; NUM_PINS]>,
+    state: Mutex<SinkState>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// The message of each unmasked pin.
+    routes: [Option<MsiMessage>; NUM_PINS],
+    irqfds: [Option<EventFd>; NUM_PINS],
+    /// The routes KVM has.
+    installed: Vec<(u32, MsiMessage)>,
 }
 
 impl KvmMsiSink {
     fn new(vm: Arc<VmFd>) -> Self {
         Self {
             vm,
-            level_routes: Mutex::new([None; NUM_PINS]),
+            state: Mutex::new(SinkState::default()),
+        }
+    }
+
+    /// Delivers pin `pin` through `evt` (already registered with KVM as
+    /// the irqfd of GSI `pin`) from now on.
+    pub fn attach_irqfd(&self, pin: usize, evt: EventFd) {
+        if pin >= NUM_PINS {
+            return;
+        }
+        let mut st = lock(&self.state);
+        st.irqfds[pin] = Some(evt);
+        self.sync_routes(&mut st);
+    }
+
+    /// Gives KVM the routes it needs, if they changed.
+    fn sync_routes(&self, st: &mut SinkState) {
+        let wanted: Vec<(u32, MsiMessage)> = st
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(pin, m)| {
+                let m = (*m)?;
+                let level = m.data & MSI_DATA_LEVEL_TRIGGER != 0;
+                (level || st.irqfds[pin].is_some()).then_some((pin as u32, m))
+            })
+            .collect();
+        if wanted == st.installed {
+            return;
+        }
+        let entries: Vec<kvm_irq_routing_entry> = wanted.iter().map(|&(gsi, m)| msi_route(gsi, m)).collect();
+        match KvmIrqRouting::from_entries(&entries) {
+            Ok(table) => match self.vm.set_gsi_routing(&table) {
+                Ok(()) => st.installed = wanted,
+                Err(e) => warn!("irqchip: cannot set GSI routes: {e}"),
+            },
+            Err(e) => warn!("irqchip: cannot build GSI routes: {e:?}"),
         }
     }
 }
@@ -147,7 +199,17 @@ impl KvmMsiSink {
 const MSI_DATA_LEVEL_TRIGGER: u32 = 1 << 15;
 
 impl MsiSink for KvmMsiSink {
-    fn send(&self, msg: MsiMessage) -> std::io::Result<()> {
+    fn send(&self, pin: usize, msg: MsiMessage) -> std::io::Result<()> {
+        {
+            let st = lock(&self.state);
+            let routed = st
+                .installed
+                .iter()
+                .any(|&(gsi, m)| gsi as usize == pin && m == msg);
+            if let (true, Some(evt)) = (routed, st.irqfds.get(pin).and_then(Option::as_ref)) {
+                return evt.write(1);
+            }
+        }
         let msi = kvm_msi {
             address_lo: msg.address as u32,
             address_hi: (msg.address >> 32) as u32,
@@ -158,27 +220,15 @@ impl MsiSink for KvmMsiSink {
     }
 
     fn route_changed(&self, pin: usize, route: Option<MsiMessage>) {
-        let level = route.filter(|m| m.data & MSI_DATA_LEVEL_TRIGGER != 0);
-        let mut routes = lock(&self.level_routes);
-        if routes[pin] == level {
+        if pin >= NUM_PINS {
             return;
         }
-        routes[pin] = level;
-        // Edge-triggered pins need no route: the common case (Linux on the
-        // MP table's ISA IRQs) never pays for KVM_SET_GSI_ROUTING.
-        let entries: Vec<kvm_irq_routing_entry> = routes
-            .iter()
-            .enumerate()
-            .filter_map(|(gsi, m)| m.map(|m| msi_route(gsi as u32, m)))
-            .collect();
-        match KvmIrqRouting::from_entries(&entries) {
-            Ok(table) => {
-                if let Err(e) = self.vm.set_gsi_routing(&table) {
-                    warn!("irqchip: cannot set GSI routes: {e}");
-                }
-            }
-            Err(e) => warn!("irqchip: cannot build GSI routes: {e:?}"),
-        }
+        let mut st = lock(&self.state);
+        st.routes[pin] = route;
+        // Edge-triggered pins without an irqfd need no route: the common
+        // case at boot (Linux on the MP table's ISA IRQs) never pays for
+        // KVM_SET_GSI_ROUTING.
+        self.sync_routes(&mut st);
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod config;
 pub mod controller;
+pub mod device_manager;
 pub mod emulation;
 pub mod exit;
 pub mod host;

@@ -98,6 +98,10 @@ impl Runtime {
             reset_evt,
         };
         self.vm_subscribers.push(self.em.add_subscriber(Box::new(watch)));
+        for slot in &vm.virtio {
+            self.vm_subscribers
+                .push(self.em.add_subscriber(Box::new(slot.device.clone())));
+        }
         if let Some(input) = self.console.take() {
             match vm.serial_input_ready.try_clone() {
                 Ok(ready) => {

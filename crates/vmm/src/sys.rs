@@ -147,3 +147,57 @@ pub fn resident_bytes(memory: &GuestMemoryMmap) -> u64 {
     }
     total
 }
+
+const TUN_IOCTL: u32 = b'T' as u32;
+vmm_sys_util::ioctl_iow_nr!(TUNSETIFF, TUN_IOCTL, 202, c_int);
+vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, TUN_IOCTL, 208, std::os::raw::c_uint);
+vmm_sys_util::ioctl_iow_nr!(TUNSETVNETHDRSZ, TUN_IOCTL, 216, c_int);
+
+/// `struct ifreq` as TUNSETIFF reads it: a name and flags (40 bytes).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens the TAP device `name` (non-blocking), with a virtio-net header of
+/// `vnet_hdr_len` bytes in front of every frame and no offloads.
+pub fn open_tap(name: &str, vnet_hdr_len: i32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if name.is_empty() || name.len() >= 16 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its
+    // layout and size (16-byte name, flags, padding to 40 bytes) and lives
+    // across the call. `file` is an open /dev/net/tun.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let hdr: c_int = vnet_hdr_len;
+    // SAFETY: TUNSETVNETHDRSZ reads one int, which `hdr` is; `file` is the
+    // TAP just attached.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&file, TUNSETVNETHDRSZ(), &hdr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (no pointer is
+    // dereferenced); `file` is the TAP.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_val(&file, TUNSETOFFLOAD(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}

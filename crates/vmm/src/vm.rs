@@ -26,6 +26,7 @@ use crate::arch::cpuid::{self, CpuidParams};
 use crate::arch::mptable::{self, MptableError};
 use crate::arch::regs::{self, RegsError};
 use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{self, DeviceError, VirtioSlot};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, EXIT_KVM, ExitSignal, VmExit};
 use crate::host::HostKind;
 use crate::irqchip::{self, IrqchipError};
@@ -80,6 +81,9 @@ pub enum BuildError {
     /// Device placement.
     #[error("device placement: {0}")]
     Bus(#[from] BusError),
+    /// A virtio device.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// A thread or eventfd could not be created.
     #[error("{what}: {source}")]
     Io {
@@ -100,9 +104,10 @@ impl BuildError {
             | BuildError::Kvm { .. }
             | BuildError::Irqchip(_)
             | BuildError::VcpuConfig { .. } => EXIT_KVM,
-            BuildError::TooManyVcpus { .. } | BuildError::Config(_) | BuildError::Loader(_) => {
-                EXIT_BAD_CONFIG
-            }
+            BuildError::TooManyVcpus { .. }
+            | BuildError::Config(_)
+            | BuildError::Loader(_)
+            | BuildError::Device(DeviceError::DriveOpen { .. } | DeviceError::Tap { .. }) => EXIT_BAD_CONFIG,
             _ => EXIT_ERROR,
         }
     }
@@ -144,6 +149,8 @@ pub struct Vm {
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
     boot_timer: Arc<Mutex<BootTimer>>,
+    /// The virtio devices.
+    pub virtio: Vec<VirtioSlot>,
     _io: Arc<MachineIo>,
     _vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -200,29 +207,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     sys::map_guest_memory(&vm_fd, &memory).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     steps.mark("guest memory");
 
-    let kernel = loader::load_kernel(&memory, &boot.kernel)?;
-    let initrd = match &boot.initrd {
-        Some(path) => Some(loader::load_initrd(
-            &memory,
-            path,
-            &kernel,
-            memory::low_ram_end(mem_bytes),
-        )?),
-        None => None,
-    };
-    let cmdline = loader::build_cmdline(boot, &[])?;
-    let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
-    ZeroPage {
-        setup_header: kernel.setup_header,
-        cmdline_size,
-        initrd,
-        e820: e820_map(&memory::ram_regions(mem_bytes)),
-    }
-    .write(&memory)?;
-    mptable::write(&memory, cpus)?;
-    regs::write_boot_tables(&memory)?;
-    steps.mark("kernel and boot tables");
-
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
     let serial_input_ready = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
@@ -244,11 +228,36 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     if let Some(ioapic) = &chip.ioapic {
         mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_SIZE)?;
     }
+    let virtio = device_manager::attach(config, &memory, &mut mmio, &chip)?;
     let io = Arc::new(MachineIo {
         pio,
         mmio,
         ioapic: chip.ioapic.clone(),
     });
+    steps.mark("devices");
+
+    let kernel = loader::load_kernel(&memory, &boot.kernel)?;
+    let initrd = match &boot.initrd {
+        Some(path) => Some(loader::load_initrd(
+            &memory,
+            path,
+            &kernel,
+            memory::low_ram_end(mem_bytes),
+        )?),
+        None => None,
+    };
+    let cmdline = loader::build_cmdline(boot, &virtio.cmdline)?;
+    let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
+    ZeroPage {
+        setup_header: kernel.setup_header,
+        cmdline_size,
+        initrd,
+        e820: e820_map(&memory::ram_regions(mem_bytes)),
+    }
+    .write(&memory)?;
+    mptable::write(&memory, cpus)?;
+    regs::write_boot_tables(&memory)?;
+    steps.mark("kernel and boot tables");
 
     let (vcpus, vcpu_events) = start_vcpus(
         VcpuStart {
@@ -263,10 +272,12 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         },
         &mut steps,
     )?;
+    device_manager::register_fast_paths(vm_fd.clone(), virtio.slots.clone(), chip.msi_sink.clone());
     info!(
-        "VM started: {cpus} vCPU(s), {} MiB, {} irqchip, kernel {}, entry {:#x}",
+        "VM started: {cpus} vCPU(s), {} MiB, {} irqchip, {} virtio device(s), kernel {}, entry {:#x}",
         machine.mem_size_mib,
         config.irqchip,
+        virtio.slots.len(),
         match &boot.kernel {
             crate::config::Kernel::Path(p) => p.display().to_string(),
             crate::config::Kernel::Builtin(_) => crate::config::BUILTIN_KERNEL_NAME.into(),
@@ -283,6 +294,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         serial_input_ready,
         i8042,
         boot_timer,
+        virtio: virtio.slots,
         _io: io,
         _vm_fd: vm_fd,
         memory,

@@ -4,6 +4,8 @@
 //! Every body is a serde struct with `deny_unknown_fields` (Firecracker
 //! rejects unknown fields too) and is validated before anything is built.
 
+pub mod devices;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +53,9 @@ pub enum ConfigError {
     /// A path is empty.
     #[error("{0} is empty")]
     EmptyPath(&'static str),
+    /// A device is misconfigured.
+    #[error("{0}")]
+    InvalidDevice(String),
     /// A file cannot be read.
     #[error("cannot read {what} {path}: {reason}")]
     Unreadable {
@@ -318,6 +323,10 @@ pub struct VmConfig {
     pub boot: Option<BootSource>,
     /// Interrupt controller and timer.
     pub irqchip: IrqchipMode,
+    /// Block devices, in the order they were added.
+    pub drives: Vec<devices::DriveConfig>,
+    /// Network interfaces, in the order they were added.
+    pub nets: Vec<devices::NetConfig>,
 }
 
 /// Firecracker's `--config-file` JSON. Keys of Firecracker features that
@@ -332,10 +341,10 @@ pub struct ConfigFile {
     pub machine_config: Option<MachineConfig>,
     /// Block devices.
     #[serde(default)]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<devices::DriveConfig>,
     /// Network interfaces.
     #[serde(default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<devices::NetConfig>,
     #[serde(default)]
     cpu_config: Option<serde_json::Value>,
     #[serde(default)]
@@ -391,8 +400,6 @@ impl ConfigFile {
             ("entropy", self.entropy.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
-            ("drives", !self.drives.is_empty()),
-            ("network-interfaces", !self.network_interfaces.is_empty()),
         ];
         match present.iter().find(|(_, p)| *p) {
             Some((key, _)) => Err(ConfigError::Unsupported(format!("the config-file key \"{key}\""))),

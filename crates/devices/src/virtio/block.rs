@@ -1,0 +1,467 @@
+//! virtio-blk backed by a raw image file.
+//!
+//! Requests: read (`IN`), write (`OUT`), flush (`FLUSH`, with the
+//! write-back cache) and get-id (`GET_ID`). A read-only drive offers
+//! `VIRTIO_BLK_F_RO` and refuses writes with an I/O-error status. The
+//! capacity is the file's size in 512-byte sectors.
+//!
+//! The guest's descriptor chains are parsed through virtio-queue's
+//! `Reader` and `Writer`, which check every descriptor against guest
+//! memory before any byte moves; anything malformed (short header, data
+//! in the wrong direction, sectors past the end, lengths that are not whole
+//! sectors) gets an error status, and a chain with no room for the status
+//! byte is returned unused. Host I/O errors become `IOERR`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{
+    ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
+};
+use crate::ratelimit::LogLimiter;
+
+/// Bytes in a sector.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of the id `GET_ID` returns.
+pub const ID_LEN: usize = 20;
+
+const F_RO: u64 = 1 << 5;
+const F_FLUSH: u64 = 1 << 9;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+/// Request status values.
+pub const S_OK: u8 = 0;
+/// The request failed.
+pub const S_IOERR: u8 = 1;
+/// The request type is not supported.
+pub const S_UNSUPP: u8 = 2;
+
+/// Bytes copied per host I/O call: bounds the VMM's buffer whatever the
+/// guest asks.
+const CHUNK: usize = 128 * 1024;
+
+/// The request header the driver sends first: type (u32), reserved
+/// (u32), sector (u64), little endian.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Request type.
+    pub request_type: u32,
+    /// First sector.
+    pub sector: u64,
+}
+
+/// Size of the header.
+pub const HEADER_LEN: usize = 16;
+
+impl RequestHeader {
+    /// Decodes a header.
+    pub fn parse(raw: &[u8; HEADER_LEN]) -> Self {
+        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *raw;
+        Self {
+            request_type: u32::from_le_bytes([t0, t1, t2, t3]),
+            sector: u64::from_le_bytes(s),
+        }
+    }
+}
+
+/// The host's caching of the image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheType {
+    /// No flush feature: the guest's flushes are not honoured (fast, unsafe
+    /// on host crash).
+    #[default]
+    Unsafe,
+    /// Flush is offered and becomes `fdatasync` of the image.
+    Writeback,
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be inspected.
+    #[error("cannot read the size of the image: {0}")]
+    Size(io::Error),
+    /// An eventfd could not be made.
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Counters, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Reads completed.
+    pub reads: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Requests answered with an error status or dropped.
+    pub errors: u64,
+    /// Bytes read from the image.
+    pub bytes_read: u64,
+    /// Bytes written to the image.
+    pub bytes_written: u64,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: VirtioInterrupt,
+}
+
+/// A virtio block device.
+pub struct Block {
+    disk: File,
+    sectors: u64,
+    read_only: bool,
+    cache: CacheType,
+    id: [u8; ID_LEN],
+    queue_evts: [EventFd; 1],
+    queue_sizes: [u16; 1],
+    active: Option<Active>,
+    buf: Vec<u8>,
+    log: LogLimiter,
+    stats: BlockStats,
+}
+
+impl Block {
+    /// A device over `disk`.
+    pub fn new(disk: File, read_only: bool, cache: CacheType, id: &str) -> Result<Self, BlockError> {
+        let size = disk.metadata().map_err(BlockError::Size)?.len();
+        if size % SECTOR_SIZE != 0 {
+            warn!(
+                "virtio-blk {id}: image size {size} is not a whole number of sectors; the last {} bytes are not visible",
+                size % SECTOR_SIZE
+            );
+        }
+        let mut id_bytes = [0u8; ID_LEN];
+        let n = id.len().min(ID_LEN);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            disk,
+            sectors: size / SECTOR_SIZE,
+            read_only,
+            cache,
+            id: id_bytes,
+            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            queue_sizes: [QUEUE_SIZE],
+            active: None,
+            buf: vec![0; CHUNK],
+            log: LogLimiter::new(format!("virtio-blk {id}")),
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Handles every request the driver has made available; returns how
+    /// many it completed. Interrupts the guest if it asked to be.
+    pub fn process_queue(&mut self) -> usize {
+        let Some(mut active) = self.active.take() else {
+            return 0;
+        };
+        let mut done = 0;
+        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let len = self.execute(&active.mem, chain);
+            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+                self.log
+                    .warn(format_args!("cannot return descriptor {head}: {e}"));
+                break;
+            }
+            done += 1;
+        }
+        if done > 0 {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => active.interrupt.signal_used(),
+                Ok(false) => {}
+                Err(e) => {
+                    self.log.warn(format_args!("used ring: {e}"));
+                    active.interrupt.signal_used();
+                }
+            }
+        }
+        self.active = Some(active);
+        done
+    }
+
+    /// Runs one request; returns the bytes written into the chain.
+    fn execute(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let mut writer = match chain.clone().writer(mem) {
+            Ok(w) if w.available_bytes() >= 1 => w,
+            Ok(_) => {
+                self.fail(format_args!("request without room for a status byte"));
+                return 0;
+            }
+            Err(e) => {
+                self.fail(format_args!("writable descriptors outside guest memory: {e}"));
+                return status_only(mem, chain, S_IOERR);
+            }
+        };
+        let Ok(mut status_writer) = writer.split_at(writer.available_bytes() - 1) else {
+            return 0;
+        };
+        let (status, data_len) = match chain.reader(mem) {
+            Ok(mut reader) => self.run(&mut reader, &mut writer),
+            Err(e) => {
+                self.fail(format_args!("readable descriptors outside guest memory: {e}"));
+                (S_IOERR, 0)
+            }
+        };
+        if status != S_OK {
+            self.stats.errors += 1;
+        }
+        if status_writer.write_all(&[status]).is_err() {
+            return 0;
+        }
+        data_len + 1
+    }
+
+    fn fail(&mut self, what: std::fmt::Arguments<'_>) {
+        self.stats.errors += 1;
+        self.log.warn(what);
+    }
+
+    /// Parses and performs a request; returns (status, bytes written to
+    /// the guest before the status byte).
+    fn run(
+        &mut self,
+        reader: &mut virtio_queue::Reader<'_>,
+        writer: &mut virtio_queue::Writer<'_>,
+    ) -> (u8, u32) {
+        let mut raw = [0u8; HEADER_LEN];
+        if reader.read_exact(&mut raw).is_err() {
+            self.log.warn(format_args!("request header missing or short"));
+            return (S_IOERR, 0);
+        }
+        let header = RequestHeader::parse(&raw);
+        match header.request_type {
+            T_IN => {
+                if reader.available_bytes() != 0 {
+                    self.log
+                        .warn(format_args!("read request with device-readable data"));
+                    return (S_IOERR, 0);
+                }
+                let len = writer.available_bytes() as u64;
+                match self.check_range(header.sector, len) {
+                    Some(offset) => match self.read_into(writer, offset, len) {
+                        Ok(()) => {
+                            self.stats.reads += 1;
+                            (S_OK, len as u32)
+                        }
+                        Err(e) => {
+                            self.log
+                                .warn(format_args!("read at sector {}: {e}", header.sector));
+                            (S_IOERR, writer.bytes_written() as u32)
+                        }
+                    },
+                    None => (S_IOERR, 0),
+                }
+            }
+            T_OUT => {
+                if self.read_only {
+                    self.log.warn(format_args!("write to a read-only drive refused"));
+                    return (S_IOERR, 0);
+                }
+                if writer.available_bytes() != 0 {
+                    self.log
+                        .warn(format_args!("write request with device-writable data"));
+                    return (S_IOERR, 0);
+                }
+                let len = reader.available_bytes() as u64;
+                match self.check_range(header.sector, len) {
+                    Some(offset) => match self.write_from(reader, offset, len) {
+                        Ok(()) => {
+                            self.stats.writes += 1;
+                            (S_OK, 0)
+                        }
+                        Err(e) => {
+                            self.log
+                                .warn(format_args!("write at sector {}: {e}", header.sector));
+                            (S_IOERR, 0)
+                        }
+                    },
+                    None => (S_IOERR, 0),
+                }
+            }
+            T_FLUSH if self.cache == CacheType::Writeback => match self.disk.sync_data() {
+                Ok(()) => {
+                    self.stats.flushes += 1;
+                    (S_OK, 0)
+                }
+                Err(e) => {
+                    self.log.warn(format_args!("flush: {e}"));
+                    (S_IOERR, 0)
+                }
+            },
+            T_GET_ID => {
+                let n = writer.available_bytes().min(ID_LEN);
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => (S_OK, n as u32),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            other => {
+                debug!("virtio-blk: unsupported request type {other}");
+                (S_UNSUPP, 0)
+            }
+        }
+    }
+
+    /// The byte offset of `sector`, if `len` bytes from there are whole
+    /// sectors inside the image.
+    fn check_range(&mut self, sector: u64, len: u64) -> Option<u64> {
+        let sectors = len / SECTOR_SIZE;
+        let fits =
+            len % SECTOR_SIZE == 0 && sector.checked_add(sectors).is_some_and(|end| end <= self.sectors);
+        if !fits {
+            self.log.warn(format_args!(
+                "request for {len} bytes at sector {sector} is outside the {} sectors of the image or not whole sectors",
+                self.sectors
+            ));
+            return None;
+        }
+        Some(sector * SECTOR_SIZE)
+    }
+
+    fn read_into(
+        &mut self,
+        writer: &mut virtio_queue::Writer<'_>,
+        mut offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            self.disk.read_exact_at(&mut self.buf[..n], offset)?;
+            writer.write_all(&self.buf[..n])?;
+            self.stats.bytes_read += n as u64;
+            offset += n as u64;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    fn write_from(
+        &mut self,
+        reader: &mut virtio_queue::Reader<'_>,
+        mut offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            reader.read_exact(&mut self.buf[..n])?;
+            self.disk.write_all_at(&self.buf[..n], offset)?;
+            self.stats.bytes_written += n as u64;
+            offset += n as u64;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    fn config_space(&self) -> [u8; 8] {
+        self.sectors.to_le_bytes()
+    }
+}
+
+/// Writes `status` into the last byte of the chain's last descriptor, if
+/// that descriptor is device-writable and inside guest memory: the driver
+/// then learns that a request it made up wrong failed. Returns the used
+/// length (1, or 0 if there was no such byte).
+fn status_only(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, status: u8) -> u32 {
+    let Some(last) = chain.last() else { return 0 };
+    if !last.is_write_only() || last.len() == 0 {
+        return 0;
+    }
+    let Some(addr) = last.addr().checked_add(u64::from(last.len()) - 1) else {
+        return 0;
+    };
+    u32::from(mem.write_obj(status, addr).is_ok())
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1;
+        if self.read_only {
+            f |= F_RO;
+        }
+        if self.cache == CacheType::Writeback {
+            f |= F_FLUSH;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let got = a.queues.len();
+        let Some(queue) = a.queues.into_iter().next().filter(|q| q.ready()) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.active = Some(Active {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        });
+        // Requests made before activation are picked up now.
+        let _ = self.queue_evts[0].write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.queue_evts[0].read();
+        self.process_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+            warn!("virtio-blk: cannot watch the queue: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! virtio-blk with mock queues: the requests a driver sends, and the ones a
+//! hostile guest makes up.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::tempfile::TempFile;
+
+use super::*;
+use crate::ioapic::tests::RecordingSink;
+use virtio_queue::mock::MockSplitQueue;
+
+use crate::virtio::test_utils::{DATA_BASE, MEM_SIZE, QUEUE_BASE, activation, add_chain, memory, mock, used};
+
+const HDR: u64 = DATA_BASE;
+const DATA: u64 = DATA_BASE + 0x1000;
+const STATUS: u64 = DATA_BASE + 0x10_0000;
+const IMAGE_SECTORS: u64 = 128;
+
+/// An image of 128 sectors where every byte of sector `s` is `s`.
+fn image() -> TempFile {
+    let f = TempFile::new().unwrap();
+    let mut bytes = Vec::new();
+    for s in 0..IMAGE_SECTORS {
+        bytes.extend(std::iter::repeat_n(s as u8, SECTOR_SIZE as usize));
+    }
+    f.as_file().write_all(&bytes).unwrap();
+    f
+}
+
+fn image_bytes(f: &TempFile, offset: u64, len: usize) -> Vec<u8> {
+    let mut file = f.as_file();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; len];
+    file.read_exact(&mut buf).unwrap();
+    buf
+}
+
+struct Rig {
+    mem: &'static GuestMemoryMmap,
+    m: MockSplitQueue<'static, GuestMemoryMmap>,
+    dev: Block,
+    sink: Arc<RecordingSink>,
+    image: TempFile,
+}
+
+fn rig(read_only: bool, cache: CacheType) -> Rig {
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(memory()));
+    let image = image();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image.as_path())
+        .unwrap();
+    let mut dev = Block::new(file, read_only, cache, "disk0").unwrap();
+    let m = mock(mem, QUEUE_BASE[0], 16);
+    let (act, sink) = activation(mem, &[&m]);
+    dev.activate(act).unwrap();
+    Rig {
+        mem,
+        m,
+        dev,
+        sink,
+        image,
+    }
+}
+
+impl Rig {
+    fn header(&self, request_type: u32, sector: u64) {
+        let mut raw = [0u8; HEADER_LEN];
+        raw[..4].copy_from_slice(&request_type.to_le_bytes());
+        raw[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&raw, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Queues a chain (descriptors from 0: the last one was consumed),
+    /// processes it, and returns (used length, status).
+    fn submit(&mut self, parts: &[(u64, u32, bool)]) -> (u32, u8) {
+        let before = used(self.mem, &self.m, 0).2;
+        add_chain(&self.m, 0, parts);
+        assert_eq!(self.dev.process_queue(), 1, "one request completed");
+        let (id, len, after) = used(self.mem, &self.m, u64::from(before % 16));
+        assert_eq!(after, before.wrapping_add(1));
+        assert_eq!(id, 0, "the chain's head is returned");
+        (len, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+}
+
+fn req(data_len: u32, data_writable: bool) -> Vec<(u64, u32, bool)> {
+    vec![
+        (HDR, 16, false),
+        (DATA, data_len, data_writable),
+        (STATUS, 1, true),
+    ]
+}
+
+#[test]
+fn reads_sectors_into_guest_memory() {
+    let mut r = rig(false, CacheType::Writeback);
+    r.header(T_IN, 3);
+    let (len, status) = r.submit(&req(1024, true));
+    assert_eq!((len, status), (1025, S_OK));
+    let mut got = vec![0u8; 1024];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|b| *b == 3) && got[512..].iter().all(|b| *b == 4));
+    assert_eq!(r.sink.sent.lock().unwrap().len(), 1, "the guest is interrupted");
+    assert_eq!(r.dev.stats().reads, 1);
+}
+
+#[test]
+fn writes_and_flushes_reach_the_image() {
+    let mut r = rig(false, CacheType::Writeback);
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    r.header(T_OUT, 1);
+    assert_eq!(r.submit(&req(512, false)), (1, S_OK));
+    assert_eq!(image_bytes(&r.image, 512, 512), vec![0xab; 512]);
+    assert_eq!(
+        image_bytes(&r.image, 1024, 1),
+        vec![2],
+        "the next sector is untouched"
+    );
+    r.header(T_FLUSH, 0);
+    assert_eq!(r.submit(&[(HDR, 16, false), (STATUS, 1, true)]), (1, S_OK));
+    assert_eq!(r.dev.stats().flushes, 1);
+    assert_ne!(r.dev.features() & F_FLUSH, 0);
+}
+
+#[test]
+fn read_only_drive_refuses_writes() {
+    let mut r = rig(true, CacheType::Writeback);
+    assert_ne!(r.dev.features() & F_RO, 0);
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    r.header(T_OUT, 0);
+    assert_eq!(r.submit(&req(512, false)), (1, S_IOERR));
+    assert_eq!(
+        image_bytes(&r.image, 0, 512),
+        vec![0; 512],
+        "nothing reached the file"
+    );
+    // Reads still work.
+    r.header(T_IN, 5);
+    assert_eq!(r.submit(&req(512, true)), (513, S_OK));
+}
+
+#[test]
+fn unsafe_cache_offers_no_flush() {
+    let mut r = rig(false, CacheType::Unsafe);
+    assert_eq!(r.dev.features() & F_FLUSH, 0);
+    r.header(T_FLUSH, 0);
+    assert_eq!(r.submit(&[(HDR, 16, false), (STATUS, 1, true)]), (1, S_UNSUPP));
+}
+
+#[test]
+fn get_id_and_unknown_types() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_GET_ID, 0);
+    assert_eq!(r.submit(&req(20, true)), (21, S_OK));
+    let mut id = [0u8; 20];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..5], b"disk0");
+    assert_eq!(&id[5..], &[0; 15]);
+    r.header(99, 0);
+    assert_eq!(r.submit(&req(512, true)).1, S_UNSUPP);
+}
+
+#[test]
+fn capacity_and_config_space() {
+    let r = rig(false, CacheType::Unsafe);
+    assert_eq!(r.dev.sectors(), IMAGE_SECTORS);
+    let mut cap = [0u8; 8];
+    r.dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), IMAGE_SECTORS);
+    let mut beyond = [0xffu8; 4];
+    r.dev.read_config(100, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+    let mut huge = [0xffu8; 2];
+    r.dev.read_config(u64::MAX, &mut huge);
+    assert_eq!(huge, [0; 2]);
+}
+
+#[test]
+fn requests_outside_the_image_or_not_whole_sectors_fail() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, IMAGE_SECTORS - 1);
+    assert_eq!(r.submit(&req(1024, true)).1, S_IOERR, "runs past the end");
+    r.header(T_IN, u64::MAX);
+    assert_eq!(r.submit(&req(512, true)).1, S_IOERR, "sector overflow");
+    r.header(T_IN, 0);
+    assert_eq!(r.submit(&req(100, true)).1, S_IOERR, "not a whole sector");
+    r.header(T_OUT, IMAGE_SECTORS);
+    assert_eq!(r.submit(&req(512, false)).1, S_IOERR);
+    assert_eq!(r.dev.stats().errors, 4);
+}
+
+#[test]
+fn data_in_the_wrong_direction_fails() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 0);
+    assert_eq!(
+        r.submit(&req(512, false)).1,
+        S_IOERR,
+        "read into device-readable memory"
+    );
+    r.header(T_OUT, 0);
+    let before = image_bytes(&r.image, 0, 512);
+    assert_eq!(
+        r.submit(&req(512, true)).1,
+        S_IOERR,
+        "write from device-writable memory"
+    );
+    assert_eq!(image_bytes(&r.image, 0, 512), before);
+    // A header the device may only write is no header.
+    r.header(T_IN, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, true), (DATA, 512, true), (STATUS, 1, true)])
+            .1,
+        S_IOERR
+    );
+    // A header that is too short.
+    r.header(T_IN, 0);
+    assert_eq!(r.submit(&[(HDR, 8, false), (STATUS, 1, true)]).1, S_IOERR);
+}
+
+#[test]
+fn header_and_data_split_anywhere_still_work() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 7);
+    let parts = [
+        (HDR, 10, false),
+        (HDR + 10, 6, false),
+        (DATA, 100, true),
+        (DATA + 100, 412, true),
+        (STATUS, 1, true),
+    ];
+    assert_eq!(r.submit(&parts), (513, S_OK));
+    let mut got = [0u8; 512];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got.iter().all(|b| *b == 7));
+}
+
+#[test]
+fn descriptors_outside_guest_memory() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 0);
+    // Data outside memory: the status byte still says why.
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (MEM_SIZE - 256, 512, true), (STATUS, 1, true)]),
+        (1, S_IOERR)
+    );
+    // Header outside memory.
+    assert_eq!(
+        r.submit(&[(u64::MAX - 8, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+            .1,
+        S_IOERR
+    );
+    // No status byte the device can write: the chain comes back unused.
+    let (len, _) = r.submit(&[(HDR, 16, false), (DATA, 512, false)]);
+    assert_eq!(len, 0);
+    let (len, _) = r.submit(&[(HDR, 16, false), (MEM_SIZE + 4096, 1, true)]);
+    assert_eq!(len, 0);
+}
+
+#[test]
+fn a_looping_chain_ends() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 0);
+    // Descriptor 0 points to itself: the chain is cut at the queue size.
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    let d = RawDescriptor::from(Descriptor::new(HDR, 16, 1, 0));
+    r.m.add_desc_chains(&[d], 0).unwrap();
+    assert_eq!(r.dev.process_queue(), 1);
+    let (_, len, idx) = used(r.mem, &r.m, 0);
+    assert_eq!((len, idx), (0, 1), "no writable status: returned unused");
+}
+
+#[test]
+fn a_full_queue_of_requests_is_processed_in_one_go() {
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 2);
+    for i in 0..5u16 {
+        add_chain(&r.m, i * 3, &req(512, true));
+    }
+    assert_eq!(r.dev.process_queue(), 5);
+    assert_eq!(used(r.mem, &r.m, 0).2, 5);
+    assert_eq!(
+        r.sink.sent.lock().unwrap().len(),
+        1,
+        "one interrupt for the batch"
+    );
+    assert_eq!(r.dev.process_queue(), 0, "nothing left");
+}

@@ -1,0 +1,413 @@
+//! virtio-net backed by a TAP device (opened with `IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR`, a 12-byte virtio-net header): one receive and one
+//! transmit queue, no offloads.
+//!
+//! Receive is driven by the TAP's readiness and the guest's buffers: a
+//! frame read from the TAP waits in the device until the guest has a
+//! buffer for it (the TAP is not read meanwhile), so no frame is lost or
+//! duplicated when the guest's receive queue is full. Transmit takes each
+//! chain of device-readable descriptors as one frame. Malformed chains are
+//! dropped with a rate-limited log line.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{
+    ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
+};
+use crate::ratelimit::LogLimiter;
+use std::io::{Read, Write};
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The virtio-net header of virtio 1.x (`virtio_net_hdr_v1`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame (header included) the device moves: a 64 KiB IP packet
+/// plus Ethernet and virtio headers.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535;
+
+const F_MAC: u64 = 1 << 5;
+const RX: usize = 0;
+const TX: usize = 1;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS: usize = 10;
+
+/// Where frames go to and come from: a TAP device, or (in tests) a socket.
+pub trait NetBackend: AsRawFd + Send {
+    /// Reads one frame (with its virtio-net header), without blocking.
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one frame (with its virtio-net header).
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+}
+
+impl NetBackend for std::fs::File {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.write(frame)
+    }
+}
+
+impl NetBackend for UnixDatagram {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.send(frame)
+    }
+}
+
+/// Errors creating a net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// An eventfd could not be made.
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Counters, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames sent to the backend.
+    pub tx_frames: u64,
+    /// Frames given to the guest.
+    pub rx_frames: u64,
+    /// Frames or chains dropped.
+    pub dropped: u64,
+    /// Times receive waited for guest buffers.
+    pub rx_deferred: u64,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    interrupt: VirtioInterrupt,
+}
+
+/// What happened to the pending receive frame.
+enum Delivery {
+    Delivered,
+    NoBuffer,
+}
+
+/// A virtio network device.
+pub struct Net {
+    backend: Box<dyn NetBackend>,
+    mac: Option<[u8; 6]>,
+    queue_evts: [EventFd; 2],
+    queue_sizes: [u16; 2],
+    activate_evt: EventFd,
+    active: Option<Active>,
+    rx_frame: Vec<u8>,
+    rx_len: usize,
+    tap_watched: bool,
+    tx_buf: Vec<u8>,
+    log: LogLimiter,
+    stats: NetStats,
+}
+
+impl Net {
+    /// A device over `backend` (which must be non-blocking), with `mac`
+    /// in its configuration space if given.
+    pub fn new(backend: Box<dyn NetBackend>, mac: Option<[u8; 6]>, id: &str) -> Result<Self, NetError> {
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            backend,
+            mac,
+            queue_evts: [evt()?, evt()?],
+            queue_sizes: [QUEUE_SIZE; 2],
+            activate_evt: evt()?,
+            active: None,
+            rx_frame: vec![0; MAX_FRAME],
+            rx_len: 0,
+            tap_watched: false,
+            tx_buf: vec![0; MAX_FRAME],
+            log: LogLimiter::new(format!("virtio-net {id}")),
+            stats: NetStats::default(),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Sends every frame the guest has queued; returns how many chains it
+    /// consumed.
+    pub fn process_tx(&mut self) -> usize {
+        let Some(a) = self.active.as_mut() else { return 0 };
+        let mut done = 0;
+        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            match frame_of(&a.mem, chain, &mut self.tx_buf) {
+                Ok(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
+                    Ok(_) => self.stats.tx_frames += 1,
+                    Err(e) => {
+                        self.stats.dropped += 1;
+                        self.log.warn(format_args!("TAP write: {e}"));
+                    }
+                },
+                Err(why) => {
+                    self.stats.dropped += 1;
+                    self.log.warn(format_args!("transmit chain dropped: {why}"));
+                }
+            }
+            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
+                self.log
+                    .warn(format_args!("cannot return descriptor {head}: {e}"));
+                break;
+            }
+            done += 1;
+        }
+        if done > 0 {
+            notify(a, TX);
+        }
+        done
+    }
+
+    /// Moves frames from the backend to the guest while it has buffers.
+    /// Returns whether a frame is waiting for guest buffers.
+    pub fn process_rx(&mut self) -> bool {
+        let mut delivered = 0;
+        loop {
+            if self.rx_len == 0 {
+                match self.backend.read_frame(&mut self.rx_frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => self.rx_len = n,
+                    Ok(_) => {
+                        self.stats.dropped += 1;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.log.warn(format_args!("TAP read: {e}"));
+                        break;
+                    }
+                }
+            }
+            match self.deliver() {
+                Delivery::Delivered => {
+                    self.rx_len = 0;
+                    delivered += 1;
+                }
+                Delivery::NoBuffer => {
+                    self.stats.rx_deferred += 1;
+                    break;
+                }
+            }
+        }
+        if delivered > 0 {
+            if let Some(a) = self.active.as_mut() {
+                notify(a, RX);
+            }
+        }
+        self.rx_len > 0
+    }
+
+    /// Gives the pending frame to the guest's next receive buffer.
+    fn deliver(&mut self) -> Delivery {
+        let Some(a) = self.active.as_mut() else {
+            return Delivery::NoBuffer;
+        };
+        // The device, not the TAP, says how many buffers the frame took.
+        self.rx_frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+        let frame = &self.rx_frame[..self.rx_len];
+        loop {
+            let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
+                return Delivery::NoBuffer;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(&a.mem) {
+                Ok(mut w) if w.available_bytes() >= frame.len() => match w.write_all(frame) {
+                    Ok(()) => Some(frame.len() as u32),
+                    Err(e) => {
+                        self.log.warn(format_args!("receive buffer: {e}"));
+                        None
+                    }
+                },
+                Ok(w) => {
+                    self.log.warn(format_args!(
+                        "receive buffer of {} bytes cannot hold a {}-byte frame; frame dropped",
+                        w.available_bytes(),
+                        frame.len()
+                    ));
+                    self.stats.dropped += 1;
+                    let _ = a.rx.add_used(&a.mem, head, 0);
+                    return Delivery::Delivered;
+                }
+                Err(e) => {
+                    self.log
+                        .warn(format_args!("receive chain outside guest memory: {e}"));
+                    None
+                }
+            };
+            match written {
+                Some(len) => {
+                    if let Err(e) = a.rx.add_used(&a.mem, head, len) {
+                        self.log
+                            .warn(format_args!("cannot return descriptor {head}: {e}"));
+                    }
+                    self.stats.rx_frames += 1;
+                    return Delivery::Delivered;
+                }
+                // A bad chain is returned empty; the frame tries the next.
+                None => {
+                    self.stats.dropped += 1;
+                    let _ = a.rx.add_used(&a.mem, head, 0);
+                }
+            }
+        }
+    }
+
+    fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
+        if on == self.tap_watched {
+            return;
+        }
+        let fd = self.backend.as_raw_fd();
+        let result = if on {
+            ops.add(Events::new_raw(fd, EventSet::IN))
+        } else {
+            ops.remove(Events::empty_raw(fd))
+        };
+        match result {
+            Ok(()) => self.tap_watched = on,
+            Err(e) => warn!("virtio-net: cannot change the TAP's watch: {e}"),
+        }
+    }
+
+    fn config_space(&self) -> [u8; 8] {
+        let mut c = [0u8; 8];
+        if let Some(mac) = self.mac {
+            c[..6].copy_from_slice(&mac);
+        }
+        c
+    }
+}
+
+/// Interrupts the guest for queue `which` if it asked to be.
+fn notify(a: &mut Active, which: usize) {
+    let q = if which == RX { &mut a.rx } else { &mut a.tx };
+    if q.needs_notification(&a.mem).unwrap_or(true) {
+        a.interrupt.signal_used();
+    }
+}
+
+/// Gathers a transmit chain into `buf`; returns its length. The virtio-net
+/// header is cleared: flatlet offers no offloads, so the host kernel must
+/// never act on offload fields a guest made up.
+fn frame_of(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Result<usize, String> {
+    let writable = chain
+        .clone()
+        .writer(mem)
+        .map(|w| w.available_bytes())
+        .unwrap_or(0);
+    if writable != 0 {
+        return Err("device-writable descriptors in a transmit chain".into());
+    }
+    let mut reader = chain
+        .reader(mem)
+        .map_err(|e| format!("descriptors outside guest memory: {e}"))?;
+    let len = reader.available_bytes();
+    if len < VNET_HDR_LEN + 14 || len > buf.len() {
+        return Err(format!("frame of {len} bytes"));
+    }
+    reader.read_exact(&mut buf[..len]).map_err(|e| e.to_string())?;
+    buf[..VNET_HDR_LEN].fill(0);
+    Ok(len)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | if self.mac.is_some() { F_MAC } else { 0 }
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let got = a.queues.len();
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        self.active = Some(Active {
+            mem: a.mem,
+            rx,
+            tx,
+            interrupt: a.interrupt,
+        });
+        // The VMM thread starts watching the TAP when it sees this.
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Signal(e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_len = 0;
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+        } else if fd == self.queue_evts[TX].as_raw_fd() {
+            let _ = self.queue_evts[TX].read();
+            self.process_tx();
+            return;
+        } else if fd == self.queue_evts[RX].as_raw_fd() {
+            let _ = self.queue_evts[RX].read();
+        }
+        // Activation, new receive buffers or TAP readiness: receive.
+        if self.active.is_none() {
+            self.watch_tap(ops, false);
+            return;
+        }
+        let waiting = self.process_rx();
+        // While a frame waits for buffers, the TAP is not read (nor
+        // watched, so a level-triggered epoll does not spin on it).
+        self.watch_tap(ops, !waiting);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in [&self.activate_evt, &self.queue_evts[RX], &self.queue_evts[TX]] {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                warn!("virtio-net: cannot watch an event: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
