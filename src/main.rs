@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use flatlet_vmm::config::devices::{parse_drive_option, parse_net_option};
+use flatlet_vmm::config::devices::{parse_drive_option, parse_net_option, validate_drives, validate_nets};
 use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kernel, MachineConfig};
 use flatlet_vmm::controller::{Controller, ControllerError, Request};
 use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
@@ -124,6 +124,10 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     for spec in &args.nets {
         nets.push(parse_net_option(spec, nets.len())?);
     }
+    // Requests replace a device of the same id (as Firecracker's PUT does);
+    // on one command line or in one file, a repeated id is a mistake.
+    validate_drives(&drives)?;
+    validate_nets(&nets)?;
     if let Some(kernel) = &args.kernel {
         boot.kernel = Kernel::Path(kernel.clone());
     }

@@ -164,3 +164,60 @@ fn help_lists_the_exit_codes() {
         out.check(out.stdout.contains(needle), needle);
     }
 }
+
+#[test]
+fn bad_drives() {
+    expect_error(
+        &["run", "--drive", "/nonexistent.img"],
+        2,
+        "cannot read drive /nonexistent.img",
+    );
+    expect_error(
+        &["run", "--drive", "/etc/hostname,rw"],
+        2,
+        "unknown --drive option \"rw\"",
+    );
+    let dir = TempDir::new("drives");
+    let a = dir.path("a.img");
+    let b = dir.path("b.img");
+    std::fs::write(&a, [0u8; 512]).unwrap();
+    std::fs::write(&b, [0u8; 512]).unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    expect_error(
+        &[
+            "run",
+            "--drive",
+            &format!("{a},root"),
+            "--drive",
+            &format!("{b},root"),
+        ],
+        2,
+        "more than one drive is the root device",
+    );
+    expect_error(
+        &[
+            "run",
+            "--drive",
+            &format!("{a},id=x"),
+            "--drive",
+            &format!("{b},id=x"),
+        ],
+        2,
+        "two drives have the id",
+    );
+    // A drive in a config file, with a Firecracker feature flatlet lacks.
+    let cfg = dir.path("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "/bin/true"}},
+                "drives": [{{"drive_id": "d", "path_on_host": "{a}", "is_root_device": false, "io_engine": "Async"}}]}}"#
+        ),
+    )
+    .unwrap();
+    expect_error(
+        &["run", "--config-file", cfg.to_str().unwrap()],
+        2,
+        "io_engine \"Async\" is not supported",
+    );
+}

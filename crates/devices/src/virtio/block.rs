@@ -5,16 +5,15 @@
 //! `VIRTIO_BLK_F_RO` and refuses writes with an I/O-error status. The
 //! capacity is the file's size in 512-byte sectors.
 //!
-//! The guest's descriptor chains are parsed through virtio-queue's
-//! `Reader` and `Writer`, which check every descriptor against guest
-//! memory before any byte moves; anything malformed (short header, data
-//! in the wrong direction, sectors past the end, lengths that are not whole
-//! sectors) gets an error status, and a chain with no room for the status
-//! byte is returned unused. Host I/O errors become `IOERR`.
+//! Every descriptor of a chain is checked against guest memory before any
+//! byte moves, and data then moves directly between guest memory and the
+//! image, without a copy through a host buffer. Anything malformed (short
+//! header, data in the wrong direction, sectors past the end, lengths that
+//! are not whole sectors) gets an error status, and a chain with no room
+//! for the status byte is returned unused. Host I/O errors become `IOERR`.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, warn};
@@ -23,6 +22,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::chain::{Layout, Region, gather, scatter, skip, take_last_byte, total};
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -49,10 +49,6 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 /// The request type is not supported.
 pub const S_UNSUPP: u8 = 2;
-
-/// Bytes copied per host I/O call: bounds the VMM's buffer whatever the
-/// guest asks.
-const CHUNK: usize = 128 * 1024;
 
 /// The request header the driver sends first: type (u32), reserved
 /// (u32), sector (u64), little endian.
@@ -133,7 +129,6 @@ pub struct Block {
     queue_evts: [EventFd; 1],
     queue_sizes: [u16; 1],
     active: Option<Active>,
-    buf: Vec<u8>,
     log: LogLimiter,
     stats: BlockStats,
 }
@@ -160,7 +155,6 @@ impl Block {
             queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
             queue_sizes: [QUEUE_SIZE],
             active: None,
-            buf: vec![0; CHUNK],
             log: LogLimiter::new(format!("virtio-blk {id}")),
             stats: BlockStats::default(),
         })
@@ -209,34 +203,27 @@ impl Block {
 
     /// Runs one request; returns the bytes written into the chain.
     fn execute(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let mut writer = match chain.clone().writer(mem) {
-            Ok(w) if w.available_bytes() >= 1 => w,
-            Ok(_) => {
-                self.fail(format_args!("request without room for a status byte"));
-                return 0;
-            }
-            Err(e) => {
-                self.fail(format_args!("writable descriptors outside guest memory: {e}"));
+        let layout = match Layout::of(mem, chain.clone()) {
+            Ok(l) => l,
+            Err(why) => {
+                self.fail(format_args!("{why}"));
                 return status_only(mem, chain, S_IOERR);
             }
         };
-        let Ok(mut status_writer) = writer.split_at(writer.available_bytes() - 1) else {
+        let mut data = layout.writable;
+        // The status byte is the last device-writable byte.
+        let Some(status_addr) = take_last_byte(&mut data) else {
+            self.fail(format_args!("request without room for a status byte"));
             return 0;
         };
-        let (status, data_len) = match chain.reader(mem) {
-            Ok(mut reader) => self.run(&mut reader, &mut writer),
-            Err(e) => {
-                self.fail(format_args!("readable descriptors outside guest memory: {e}"));
-                (S_IOERR, 0)
-            }
-        };
+        let (status, written) = self.run(mem, &layout.readable, &data);
         if status != S_OK {
             self.stats.errors += 1;
         }
-        if status_writer.write_all(&[status]).is_err() {
+        if mem.write_obj(status, status_addr).is_err() {
             return 0;
         }
-        data_len + 1
+        written + 1
     }
 
     fn fail(&mut self, what: std::fmt::Arguments<'_>) {
@@ -246,38 +233,36 @@ impl Block {
 
     /// Parses and performs a request; returns (status, bytes written to
     /// the guest before the status byte).
-    fn run(
-        &mut self,
-        reader: &mut virtio_queue::Reader<'_>,
-        writer: &mut virtio_queue::Writer<'_>,
-    ) -> (u8, u32) {
+    fn run(&mut self, mem: &GuestMemoryMmap, readable: &[Region], writable: &[Region]) -> (u8, u32) {
         let mut raw = [0u8; HEADER_LEN];
-        if reader.read_exact(&mut raw).is_err() {
+        if total(readable) < HEADER_LEN || gather(mem, readable, &mut raw).is_err() {
             self.log.warn(format_args!("request header missing or short"));
             return (S_IOERR, 0);
         }
         let header = RequestHeader::parse(&raw);
+        let payload = skip(readable, HEADER_LEN);
         match header.request_type {
             T_IN => {
-                if reader.available_bytes() != 0 {
+                if total(&payload) != 0 {
                     self.log
                         .warn(format_args!("read request with device-readable data"));
                     return (S_IOERR, 0);
                 }
-                let len = writer.available_bytes() as u64;
-                match self.check_range(header.sector, len) {
-                    Some(offset) => match self.read_into(writer, offset, len) {
-                        Ok(()) => {
-                            self.stats.reads += 1;
-                            (S_OK, len as u32)
-                        }
-                        Err(e) => {
-                            self.log
-                                .warn(format_args!("read at sector {}: {e}", header.sector));
-                            (S_IOERR, writer.bytes_written() as u32)
-                        }
-                    },
-                    None => (S_IOERR, 0),
+                let len = total(writable) as u64;
+                let Some(offset) = self.check_range(header.sector, len) else {
+                    return (S_IOERR, 0);
+                };
+                match self.transfer(mem, writable, offset, Direction::FromImage) {
+                    Ok(()) => {
+                        self.stats.reads += 1;
+                        self.stats.bytes_read += len;
+                        (S_OK, len as u32)
+                    }
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("read at sector {}: {e}", header.sector));
+                        (S_IOERR, 0)
+                    }
                 }
             }
             T_OUT => {
@@ -285,25 +270,26 @@ impl Block {
                     self.log.warn(format_args!("write to a read-only drive refused"));
                     return (S_IOERR, 0);
                 }
-                if writer.available_bytes() != 0 {
+                if total(writable) != 0 {
                     self.log
                         .warn(format_args!("write request with device-writable data"));
                     return (S_IOERR, 0);
                 }
-                let len = reader.available_bytes() as u64;
-                match self.check_range(header.sector, len) {
-                    Some(offset) => match self.write_from(reader, offset, len) {
-                        Ok(()) => {
-                            self.stats.writes += 1;
-                            (S_OK, 0)
-                        }
-                        Err(e) => {
-                            self.log
-                                .warn(format_args!("write at sector {}: {e}", header.sector));
-                            (S_IOERR, 0)
-                        }
-                    },
-                    None => (S_IOERR, 0),
+                let len = total(&payload) as u64;
+                let Some(offset) = self.check_range(header.sector, len) else {
+                    return (S_IOERR, 0);
+                };
+                match self.transfer(mem, &payload, offset, Direction::ToImage) {
+                    Ok(()) => {
+                        self.stats.writes += 1;
+                        self.stats.bytes_written += len;
+                        (S_OK, 0)
+                    }
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("write at sector {}: {e}", header.sector));
+                        (S_IOERR, 0)
+                    }
                 }
             }
             T_FLUSH if self.cache == CacheType::Writeback => match self.disk.sync_data() {
@@ -317,8 +303,8 @@ impl Block {
                 }
             },
             T_GET_ID => {
-                let n = writer.available_bytes().min(ID_LEN);
-                match writer.write_all(&self.id[..n]) {
+                let n = total(writable).min(ID_LEN);
+                match scatter(mem, writable, &self.id[..n]) {
                     Ok(()) => (S_OK, n as u32),
                     Err(_) => (S_IOERR, 0),
                 }
@@ -346,38 +332,22 @@ impl Block {
         Some(sector * SECTOR_SIZE)
     }
 
-    fn read_into(
+    /// Moves the bytes of `regions` between guest memory and the image at
+    /// `offset`, directly (no copy through a host buffer).
+    fn transfer(
         &mut self,
-        writer: &mut virtio_queue::Writer<'_>,
-        mut offset: u64,
-        len: u64,
+        mem: &GuestMemoryMmap,
+        regions: &[Region],
+        offset: u64,
+        dir: Direction,
     ) -> io::Result<()> {
-        let mut left = len as usize;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            self.disk.read_exact_at(&mut self.buf[..n], offset)?;
-            writer.write_all(&self.buf[..n])?;
-            self.stats.bytes_read += n as u64;
-            offset += n as u64;
-            left -= n;
-        }
-        Ok(())
-    }
-
-    fn write_from(
-        &mut self,
-        reader: &mut virtio_queue::Reader<'_>,
-        mut offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        let mut left = len as usize;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            reader.read_exact(&mut self.buf[..n])?;
-            self.disk.write_all_at(&self.buf[..n], offset)?;
-            self.stats.bytes_written += n as u64;
-            offset += n as u64;
-            left -= n;
+        self.disk.seek(SeekFrom::Start(offset))?;
+        for &(addr, len) in regions {
+            match dir {
+                Direction::FromImage => mem.read_exact_volatile_from(addr, &mut self.disk, len),
+                Direction::ToImage => mem.write_all_volatile_to(addr, &mut self.disk, len),
+            }
+            .map_err(|e| io::Error::other(e.to_string()))?;
         }
         Ok(())
     }
@@ -400,6 +370,13 @@ fn status_only(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, 
         return 0;
     };
     u32::from(mem.write_obj(status, addr).is_ok())
+}
+
+/// Which way data moves.
+#[derive(Clone, Copy)]
+enum Direction {
+    FromImage,
+    ToImage,
 }
 
 impl VirtioDevice for Block {

@@ -8,6 +8,7 @@
 //! event-manager subscribers woken by those eventfds.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
 

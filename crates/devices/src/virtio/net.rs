@@ -20,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::chain::{Layout, gather, total};
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -312,22 +313,15 @@ fn frame_of(
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     buf: &mut [u8],
 ) -> Result<usize, String> {
-    let writable = chain
-        .clone()
-        .writer(mem)
-        .map(|w| w.available_bytes())
-        .unwrap_or(0);
-    if writable != 0 {
+    let layout = Layout::of(mem, chain)?;
+    if !layout.writable.is_empty() {
         return Err("device-writable descriptors in a transmit chain".into());
     }
-    let mut reader = chain
-        .reader(mem)
-        .map_err(|e| format!("descriptors outside guest memory: {e}"))?;
-    let len = reader.available_bytes();
+    let len = total(&layout.readable);
     if len < VNET_HDR_LEN + 14 || len > buf.len() {
         return Err(format!("frame of {len} bytes"));
     }
-    reader.read_exact(&mut buf[..len]).map_err(|e| e.to_string())?;
+    gather(mem, &layout.readable, &mut buf[..len]).map_err(|e| e.to_string())?;
     buf[..VNET_HDR_LEN].fill(0);
     Ok(len)
 }
