@@ -26,9 +26,18 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", global = false)]
     pub config_file: Option<PathBuf>,
 
+    /// Serve Firecracker's REST API on this Unix socket (no VM until
+    /// configured and started through it, or by --config-file).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    pub api_sock: Option<PathBuf>,
+
     /// Run without an API socket (needs --config-file).
     #[arg(long, requires = "config_file")]
     pub no_api: bool,
+
+    /// Largest API request body, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = flatlet_api::server::DEFAULT_MAX_PAYLOAD)]
+    pub http_api_max_payload_size: usize,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -56,6 +65,20 @@ pub enum Command {
         /// Where to write it.
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
+    },
+    /// Send one request to a running flatlet's API socket and print the
+    /// answer, e.g. `flatlet api --sock /tmp/fl.sock put /machine-config
+    /// '{"vcpu_count": 2, "mem_size_mib": 256}'`.
+    Api {
+        /// The API socket.
+        #[arg(long, value_name = "PATH")]
+        sock: PathBuf,
+        /// get, put or patch.
+        method: String,
+        /// The path, e.g. /machine-config.
+        path: String,
+        /// The JSON body.
+        body: Option<String>,
     },
 }
 

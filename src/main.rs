@@ -3,7 +3,6 @@
 
 mod cli;
 mod console;
-mod logger;
 mod signals;
 
 use std::fmt::Display;
@@ -51,15 +50,22 @@ impl From<ControllerError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logger::init(cli.common.log_level);
+    flatlet_vmm::logger::init(cli.common.log_level);
     let result = match &cli.command {
         Some(Command::Run(args)) => run(args, &cli.common),
         Some(Command::GuestImage { out }) => guest_image(out),
-        None => match &cli.config_file {
-            Some(path) if cli.no_api => run(&RunArgs::from_config_file(path), &cli.common),
+        Some(Command::Api {
+            sock,
+            method,
+            path,
+            body,
+        }) => api_request(sock, method, path, body.as_deref()),
+        None => match (&cli.api_sock, &cli.config_file) {
+            (Some(sock), config) => serve_api(sock, config.as_deref(), &cli),
+            (None, Some(path)) if cli.no_api => run(&RunArgs::from_config_file(path), &cli.common),
             _ => Err(Failure::new(
                 EXIT_BAD_CONFIG,
-                "nothing to do: use `flatlet run`, or `--config-file PATH --no-api` (see --help)",
+                "nothing to do: use `flatlet run`, `--api-sock PATH`, or `--config-file PATH --no-api` (see --help)",
             )),
         },
     };
@@ -179,6 +185,11 @@ fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
     for req in requests {
         rt.handle(req)?;
     }
+    run_to_exit(rt)
+}
+
+/// Runs the event loop until the VM (or flatlet) ends.
+fn run_to_exit(mut rt: Runtime) -> Result<i32, Failure> {
     let _raw = console::RawTerminal::enter();
     let exit = rt.run().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     if exit.is_clean() {
@@ -186,4 +197,33 @@ fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
     } else {
         Err(Failure::new(exit.exit_code(), exit))
     }
+}
+
+/// `--api-sock`: serves the API, and boots the config file's VM if given.
+fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failure> {
+    let requests = config
+        .map(|p| run_requests(&RunArgs::from_config_file(p)))
+        .transpose()?;
+    let mut rt = runtime(&cli.common, IrqchipMode::default())?;
+    let listener = flatlet_api::server::bind(sock).map_err(|e| Failure::new(EXIT_BAD_CONFIG, e))?;
+    let _socket = flatlet_api::server::SocketFile(sock.to_path_buf());
+    let sender = rt.api_sender().map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    flatlet_api::server::spawn(listener, sender, cli.http_api_max_payload_size)
+        .map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    info!("API server listening on {}", sock.display());
+    for req in requests.into_iter().flatten() {
+        rt.handle(req)?;
+    }
+    run_to_exit(rt)
+}
+
+/// `flatlet api`: one request, its answer on stdout.
+fn api_request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<i32, Failure> {
+    let reply =
+        flatlet_api::client::request(sock, method, path, body).map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    println!("{}", reply.status);
+    if !reply.body.is_empty() {
+        println!("{}", reply.body);
+    }
+    Ok(if (200..300).contains(&reply.status) { 0 } else { 1 })
 }

@@ -8,7 +8,15 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["entry.S", "main.c", "options.c", "virtio.c", "console.c", "lib.c"];
+const SOURCES: &[&str] = &[
+    "entry.S",
+    "main.c",
+    "options.c",
+    "stay.c",
+    "virtio.c",
+    "console.c",
+    "lib.c",
+];
 const HEADERS: &[&str] = &["guest.h", "guest_main.h", "link.ld"];
 
 /// Flags that keep the guest to general-purpose instructions: ring 0 runs

@@ -21,4 +21,7 @@ void run_options(void);
 void ap_idle(u32 id) __attribute__((noreturn));
 void handle_irq(u32 irq);
 
+/* stay.c */
+void stay(void) __attribute__((noreturn));
+
 #endif

@@ -2,16 +2,20 @@
  *   flatlet.int3         execute int3 (a #BP the VMM may have to inject)
  *   flatlet.crash=emul   execute lock cmpxchg16b, which nested hosts cannot emulate
  *   flatlet.crash=triple triple fault
+ *   flatlet.stay         keep running: heartbeats, reset on Ctrl-Alt-Del
  */
 #include "guest_main.h"
 
 static u32 want_int3 = 0;
+static u32 want_stay = 0;
 static u32 crash_mode = 0; /* 0 none, 1 emul, 2 triple */
 
 static void parse_option(const char *w, u32 len)
 {
     if (option_is(w, len, "flatlet.int3"))
         want_int3 = 1;
+    else if (option_is(w, len, "flatlet.stay"))
+        want_stay = 1;
     else if (option_is(w, len, "flatlet.crash=emul"))
         crash_mode = 1;
     else if (option_is(w, len, "flatlet.crash=triple"))
@@ -43,6 +47,8 @@ void run_options(void)
         crash_emulation();
     else if (crash_mode == 2)
         guest_panic("triple fault requested");
+    if (want_stay)
+        stay();
 }
 
 void ap_idle(u32 id)
@@ -52,4 +58,3 @@ void ap_idle(u32 id)
         __asm__ volatile("cli; hlt");
 }
 
-void handle_irq(u32 irq) { (void)irq; }

@@ -7,10 +7,12 @@ use std::io::Write;
 use log::info;
 use serde::Serialize;
 
-use crate::config::devices::{self, DriveConfig, NetConfig};
+use crate::config::devices::{self, DriveConfig, DriveUpdate, NetConfig, NetUpdate};
 use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineConfigUpdate, VmConfig};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
 use crate::host::HostKind;
+use crate::logger::{self, LoggerConfig};
+use crate::metrics::{MetricsConfig, MetricsSink, RequestCounters, Snapshot};
 use crate::vm::{self, BuildContext, BuildError, Vm};
 
 /// flatlet's version.
@@ -43,6 +45,18 @@ pub enum Request {
     SendCtrlAltDel,
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `GET /version`.
+    GetVersion,
+    /// `PATCH /drives/{id}` (after start).
+    PatchDrive(DriveUpdate),
+    /// `PATCH /network-interfaces/{id}` (after start).
+    PatchNetworkInterface(NetUpdate),
+    /// `PUT /logger`.
+    PutLogger(LoggerConfig),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
+    /// `FlushMetrics`.
+    FlushMetrics,
 }
 
 /// `GET /` body.
@@ -86,6 +100,8 @@ pub enum Response {
     MachineConfig(MachineConfig),
     /// Full configuration.
     VmConfig(Box<FullVmConfig>),
+    /// The VMM's version.
+    Version(String),
 }
 
 /// Why a request failed.
@@ -103,6 +119,9 @@ pub enum ControllerError {
     /// vCPUs did not do as asked.
     #[error("{0}")]
     Vcpu(String),
+    /// A host I/O operation failed.
+    #[error("{0}")]
+    Io(String),
 }
 
 impl ControllerError {
@@ -111,7 +130,7 @@ impl ControllerError {
         match self {
             ControllerError::Config(_) | ControllerError::State(_) => EXIT_BAD_CONFIG,
             ControllerError::Build(e) => e.exit_code(),
-            ControllerError::Vcpu(_) => EXIT_ERROR,
+            ControllerError::Vcpu(_) | ControllerError::Io(_) => EXIT_ERROR,
         }
     }
 }
@@ -136,6 +155,8 @@ pub struct Controller {
     limits: HostLimits,
     serial_out: ConsoleFactory,
     kick_signal: i32,
+    metrics: Option<MetricsSink>,
+    counters: RequestCounters,
 }
 
 /// Makes the writer guest console output goes to.
@@ -158,6 +179,8 @@ impl Controller {
             limits,
             serial_out,
             kick_signal,
+            metrics: None,
+            counters: RequestCounters::default(),
         }
     }
 
@@ -185,6 +208,15 @@ impl Controller {
 
     /// Handles one request.
     pub fn handle(&mut self, req: Request) -> Result<Response, ControllerError> {
+        self.counters.requests += 1;
+        let result = self.dispatch(req);
+        if result.is_err() {
+            self.counters.errors += 1;
+        }
+        result
+    }
+
+    fn dispatch(&mut self, req: Request) -> Result<Response, ControllerError> {
         match (&self.state, req) {
             (_, Request::GetInstanceInfo) => Ok(Response::InstanceInfo(InstanceInfo {
                 app_name: "flatlet".into(),
@@ -193,6 +225,21 @@ impl Controller {
                 vmm_version: VERSION.into(),
             })),
             (_, Request::GetMachineConfig) => Ok(Response::MachineConfig(self.config.machine.clone())),
+            (_, Request::GetVersion) => Ok(Response::Version(VERSION.into())),
+            (_, Request::PutLogger(c)) => {
+                logger::configure(&c)?;
+                Ok(Response::Empty)
+            }
+            (_, Request::PutMetrics(c)) => {
+                if self.metrics.is_some() {
+                    return Err(ControllerError::State(
+                        "The metrics system is already initialized.",
+                    ));
+                }
+                self.metrics = Some(MetricsSink::open(&c)?);
+                Ok(Response::Empty)
+            }
+            (_, Request::FlushMetrics) => self.flush_metrics(),
             (_, Request::GetVmConfig) => Ok(Response::VmConfig(Box::new(FullVmConfig {
                 boot_source: self.config.boot.as_ref().map(BootSource::to_config),
                 machine_config: self.config.machine.clone(),
@@ -234,9 +281,14 @@ impl Controller {
                 Ok(Response::Empty)
             }
             (State::NotStarted, Request::Start) => self.start(),
-            (State::NotStarted, Request::Pause | Request::Resume | Request::SendCtrlAltDel) => {
-                Err(ControllerError::State(NOT_BEFORE_START))
-            }
+            (
+                State::NotStarted,
+                Request::Pause
+                | Request::Resume
+                | Request::SendCtrlAltDel
+                | Request::PatchDrive(_)
+                | Request::PatchNetworkInterface(_),
+            ) => Err(ControllerError::State(NOT_BEFORE_START)),
             (State::Exited, _) => Err(ControllerError::State(EXITED)),
             (
                 _,
@@ -251,6 +303,35 @@ impl Controller {
             )),
             (State::Running(vm) | State::Paused(vm), Request::SendCtrlAltDel) => {
                 vm.send_ctrl_alt_del().map_err(ControllerError::Vcpu)?;
+                Ok(Response::Empty)
+            }
+            (State::Running(vm) | State::Paused(vm), Request::PatchDrive(u)) => {
+                u.validate()?;
+                let slot = vm.virtio.iter().find(|s| s.id == u.drive_id && s.block.is_some());
+                let Some(block) = slot.and_then(|s| s.block.as_ref()) else {
+                    return Err(
+                        ConfigError::InvalidDevice(format!("no drive has the id {:?}", u.drive_id)).into(),
+                    );
+                };
+                if let Some(path) = &u.path_on_host {
+                    crate::device_manager::reopen_drive(block, &u.drive_id, path)
+                        .map_err(|e| ConfigError::InvalidDevice(e.to_string()))?;
+                    if let Some(d) = self.config.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
+                        d.path_on_host = Some(path.clone());
+                    }
+                    info!("drive {}: now backed by {path}", u.drive_id);
+                }
+                Ok(Response::Empty)
+            }
+            (State::Running(_) | State::Paused(_), Request::PatchNetworkInterface(u)) => {
+                u.validate()?;
+                if !self.config.nets.iter().any(|n| n.iface_id == u.iface_id) {
+                    return Err(ConfigError::InvalidDevice(format!(
+                        "no network interface has the id {:?}",
+                        u.iface_id
+                    ))
+                    .into());
+                }
                 Ok(Response::Empty)
             }
             (State::Running(_) | State::Paused(_), Request::Pause) => self.pause(),
@@ -294,6 +375,41 @@ impl Controller {
             other => other,
         };
         Ok(Response::Empty)
+    }
+
+    /// Writes a line of metrics, if a metrics file is set.
+    pub fn flush_metrics(&mut self) -> Result<Response, ControllerError> {
+        let Some(sink) = self.metrics.as_mut() else {
+            return Err(ControllerError::State(
+                "The metrics system is not initialized (PUT /metrics first).",
+            ));
+        };
+        let vm = match &self.state {
+            State::Running(vm) | State::Paused(vm) => Some(vm),
+            _ => None,
+        };
+        let devices = vm
+            .map(|vm| {
+                vm.virtio
+                    .iter()
+                    .map(|s| (s.id.clone(), flatlet_devices::bus::lock(&s.device).counters()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let snapshot = Snapshot {
+            requests: &self.counters,
+            exits: vm.map(Vm::exit_counters),
+            devices,
+            guest_boot_us: vm.and_then(Vm::boot_time).map(|d| d.as_micros()),
+        };
+        sink.write(&snapshot)
+            .map_err(|e| ControllerError::Io(format!("cannot write metrics: {e}")))?;
+        Ok(Response::Empty)
+    }
+
+    /// Whether a metrics file is set.
+    pub fn has_metrics(&self) -> bool {
+        self.metrics.is_some()
     }
 
     /// If the VM has ended, stops its threads and returns why.

@@ -78,6 +78,8 @@ pub struct VirtioSlot {
     pub irq: u32,
     /// The device.
     pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The block device, for drive updates (None for other devices).
+    pub block: Option<Arc<Mutex<Block>>>,
 }
 
 /// The placed devices and what the kernel command line needs for them.
@@ -89,7 +91,7 @@ pub struct VirtioDevices {
     pub cmdline: Vec<String>,
 }
 
-fn open_drive(d: &DriveConfig) -> Result<Arc<Mutex<dyn VirtioDevice>>, DeviceError> {
+fn open_drive(d: &DriveConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
     let path = d.path();
     let file = OpenOptions::new()
         .read(true)
@@ -128,10 +130,13 @@ pub fn attach(
     let mut drives: Vec<&DriveConfig> = config.drives.iter().collect();
     // The root drive first: it becomes /dev/vda.
     drives.sort_by_key(|d| !d.is_root_device);
-    let mut devices: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)> = Vec::new();
+    // (id, device, the device again if it is a drive)
+    type Created = (String, Arc<Mutex<dyn VirtioDevice>>, Option<Arc<Mutex<Block>>>);
+    let mut devices: Vec<Created> = Vec::new();
     let mut cmdline = Vec::new();
     for d in &drives {
-        devices.push((d.drive_id.clone(), open_drive(d)?));
+        let block = open_drive(d)?;
+        devices.push((d.drive_id.clone(), block.clone(), Some(block)));
         if d.is_root_device {
             let mode = if d.is_read_only { "ro" } else { "rw" };
             match &d.partuuid {
@@ -151,11 +156,11 @@ pub fn attach(
             id: n.iface_id.clone(),
             source,
         })?;
-        devices.push((n.iface_id.clone(), Arc::new(Mutex::new(dev))));
+        devices.push((n.iface_id.clone(), Arc::new(Mutex::new(dev)), None));
     }
 
     let mut slots = Vec::new();
-    for (i, (id, device)) in devices.into_iter().enumerate() {
+    for (i, (id, device, block)) in devices.into_iter().enumerate() {
         let addr = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
         let irq = FIRST_VIRTIO_IRQ + i as u32;
         let transport = MmioTransport::new(
@@ -170,6 +175,7 @@ pub fn attach(
             addr,
             irq,
             device,
+            block,
         });
     }
     // Keep root= after the devices, as Firecracker does.
@@ -234,4 +240,25 @@ pub fn register_fast_paths(
             None
         }
     }
+}
+
+/// Opens the new image of a drive (`PATCH /drives`), read-only if the
+/// drive is.
+pub fn reopen_drive(block: &Mutex<Block>, id: &str, path: &str) -> Result<(), DeviceError> {
+    let read_only = lock(block).read_only();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| DeviceError::DriveOpen {
+            id: id.to_string(),
+            path: path.to_string(),
+            source,
+        })?;
+    lock(block)
+        .replace_image(file)
+        .map_err(|source| DeviceError::Block {
+            id: id.to_string(),
+            source,
+        })
 }

@@ -4,17 +4,21 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use flatlet_devices::bus::lock;
 use flatlet_devices::serial::Serial;
 use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::controller::{Controller, ControllerError, Request, Response};
 use crate::exit::{ExitSignal, VmExit};
+use crate::metrics::FLUSH_INTERVAL_SECS;
 
 /// A boxed event subscriber.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -28,11 +32,42 @@ pub enum RuntimeError {
     /// An eventfd could not be made.
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
+    /// The metrics timer could not be made.
+    #[error("event loop timer: {0}")]
+    Timer(#[from] vmm_sys_util::errno::Error),
 }
 
 /// Where console input comes from.
 pub trait ConsoleInput: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+
+/// A request from another thread (the API server), with what to do with
+/// its answer.
+pub struct ApiCall {
+    /// The request.
+    pub request: Request,
+    /// Called on the VMM thread with the result.
+    pub reply: Box<dyn FnOnce(Result<Response, ControllerError>) + Send>,
+}
+
+/// Sends requests to the VMM thread: a channel, and an eventfd that wakes
+/// its loop.
+#[derive(Clone)]
+pub struct ApiSender {
+    tx: mpsc::Sender<ApiCall>,
+    evt: Arc<EventFd>,
+}
+
+impl ApiSender {
+    /// Queues a call; gives it back if the VMM thread has gone.
+    pub fn send(&self, call: ApiCall) -> Result<(), Box<ApiCall>> {
+        self.tx.send(call).map_err(|e| Box::new(e.0))?;
+        if let Err(e) = self.evt.write(1) {
+            warn!("cannot wake the VMM thread: {e}");
+        }
+        Ok(())
+    }
+}
 
 /// The VMM thread's loop.
 pub struct Runtime {
@@ -41,6 +76,8 @@ pub struct Runtime {
     stop: Arc<ExitSignal>,
     console: Option<Box<dyn ConsoleInput>>,
     vm_subscribers: Vec<SubscriberId>,
+    api: Option<(mpsc::Receiver<ApiCall>, ApiSender)>,
+    metrics_due: Arc<AtomicBool>,
 }
 
 impl Runtime {
@@ -50,13 +87,48 @@ impl Runtime {
         let mut em: EventManager<Subscriber> = EventManager::new()?;
         let stop = Arc::new(ExitSignal::new()?);
         em.add_subscriber(Box::new(StopWatch { stop: stop.clone() }));
+        let metrics_due = Arc::new(AtomicBool::new(false));
+        let mut timer = TimerFd::new()?;
+        let period = Duration::from_secs(FLUSH_INTERVAL_SECS);
+        timer.reset(period, Some(period))?;
+        em.add_subscriber(Box::new(MetricsTimer {
+            timer,
+            due: metrics_due.clone(),
+        }));
         Ok(Self {
             em,
             controller,
             stop,
             console,
             vm_subscribers: Vec::new(),
+            api: None,
+            metrics_due,
         })
+    }
+
+    /// A handle other threads send requests through.
+    pub fn api_sender(&mut self) -> Result<ApiSender, RuntimeError> {
+        if let Some((_, sender)) = &self.api {
+            return Ok(sender.clone());
+        }
+        let (tx, rx) = mpsc::channel();
+        let evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        self.em.add_subscriber(Box::new(Wake { evt: evt.clone() }));
+        let sender = ApiSender { tx, evt };
+        self.api = Some((rx, sender.clone()));
+        Ok(sender)
+    }
+
+    /// Handles the calls the API thread has queued.
+    fn serve_api(&mut self) {
+        let calls: Vec<ApiCall> = match &self.api {
+            Some((rx, _)) => rx.try_iter().collect(),
+            None => return,
+        };
+        for call in calls {
+            let result = self.handle(call.request);
+            (call.reply)(result);
+        }
     }
 
     /// Where to report a request to end flatlet (a signal, a console
@@ -126,6 +198,12 @@ impl Runtime {
     /// when negative). Returns how the VM or flatlet ended, if it did.
     pub fn run_once(&mut self, timeout_ms: i32) -> Result<Option<VmExit>, RuntimeError> {
         self.em.run_with_timeout(timeout_ms)?;
+        if self.metrics_due.swap(false, Ordering::Relaxed) && self.controller.has_metrics() {
+            if let Err(e) = self.controller.flush_metrics() {
+                warn!("{e}");
+            }
+        }
+        self.serve_api();
         if let Some(reason) = self.stop.get() {
             return Ok(Some(self.controller.shut_down(reason)));
         }
@@ -138,6 +216,42 @@ impl Runtime {
             if let Some(exit) = self.run_once(-1)? {
                 return Ok(exit);
             }
+        }
+    }
+}
+
+/// Wakes the loop for API calls (the loop drains them).
+struct Wake {
+    evt: Arc<EventFd>,
+}
+
+impl MutEventSubscriber for Wake {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.evt, EventSet::IN)) {
+            warn!("cannot watch API requests: {e}");
+        }
+    }
+}
+
+/// Marks metrics due every minute.
+struct MetricsTimer {
+    timer: TimerFd,
+    due: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for MetricsTimer {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.due.store(true, Ordering::Relaxed);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            warn!("cannot watch the metrics timer: {e}");
         }
     }
 }

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::{msr, regs};
 use crate::emulation::{FailedInstruction, Recovery, instruction_bytes};
 use crate::exit::{ExitSignal, VmExit};
+use crate::metrics::ExitCounters;
 use crate::sys::{self, RunningVcpu};
 
 /// `KVM_SYSTEM_EVENT_SHUTDOWN`, `_RESET` and `_CRASH`.
@@ -41,10 +42,13 @@ pub struct MachineIo {
     pub mmio: Bus,
     /// flatlet's I/O APIC (split irqchip), for EOI exits.
     pub ioapic: Option<Arc<Mutex<IoApic>>>,
+    /// Exit counters, for metrics.
+    pub exits: ExitCounters,
 }
 
 impl MachineIo {
     fn pio_in(&self, port: u16, data: &mut [u8]) {
+        ExitCounters::bump(&self.exits.io_in);
         if !self.pio.read(u64::from(port), data) {
             // Nothing there: the bus floats high.
             data.fill(0xff);
@@ -53,12 +57,14 @@ impl MachineIo {
     }
 
     fn pio_out(&self, port: u16, data: &[u8]) {
+        ExitCounters::bump(&self.exits.io_out);
         if !self.pio.write(u64::from(port), data) {
             debug!("vcpu: out to unassigned port {port:#x}");
         }
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        ExitCounters::bump(&self.exits.mmio_read);
         if !self.mmio.read(addr, data) {
             data.fill(0xff);
             debug!("vcpu: MMIO read of unassigned address {addr:#x}");
@@ -66,6 +72,7 @@ impl MachineIo {
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
+        ExitCounters::bump(&self.exits.mmio_write);
         if !self.mmio.write(addr, data) {
             debug!("vcpu: MMIO write to unassigned address {addr:#x}");
         }
@@ -302,7 +309,7 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
             }),
         };
         let next = match next {
-            Next::InternalError => internal_error(index, vcpu, &mut recoveries),
+            Next::InternalError => internal_error(index, vcpu, &mut recoveries, &ctx.io.exits),
             other => other,
         };
         if let Next::End(exit) = next {
@@ -359,7 +366,7 @@ fn dispatch(index: u8, exit: VcpuExit<'_>, io: &MachineIo) -> Next {
 }
 
 /// An internal error: recover from what can be recovered, else end.
-fn internal_error(index: u8, vcpu: &mut RunningVcpu, recoveries: &mut u64) -> Next {
+fn internal_error(index: u8, vcpu: &mut RunningVcpu, recoveries: &mut u64, counters: &ExitCounters) -> Next {
     let err = sys::internal_error(vcpu.fd());
     let Some(bytes) = instruction_bytes(&err) else {
         return Next::End(VmExit::InternalError {
@@ -373,6 +380,7 @@ fn internal_error(index: u8, vcpu: &mut RunningVcpu, recoveries: &mut u64) -> Ne
         Some(recovery) => match recovery.apply(vcpu.fd()) {
             Ok(()) => {
                 *recoveries += 1;
+                ExitCounters::bump(&counters.recoveries);
                 if *recoveries == 1 {
                     info!(
                         "vcpu {index}: KVM could not emulate {instruction}; recovered: {recovery} \

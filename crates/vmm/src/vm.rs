@@ -151,7 +151,7 @@ pub struct Vm {
     boot_timer: Arc<Mutex<BootTimer>>,
     /// The virtio devices.
     pub virtio: Vec<VirtioSlot>,
-    _io: Arc<MachineIo>,
+    io: Arc<MachineIo>,
     _vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     _kvm: Kvm,
@@ -233,6 +233,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         pio,
         mmio,
         ioapic: chip.ioapic.clone(),
+        exits: Default::default(),
     });
     steps.mark("devices");
 
@@ -295,7 +296,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         i8042,
         boot_timer,
         virtio: virtio.slots,
-        _io: io,
+        io,
         _vm_fd: vm_fd,
         memory,
         _kvm: kvm,
@@ -472,6 +473,11 @@ impl Vm {
     /// Guest memory the VM has touched, in bytes.
     pub fn touched_memory(&self) -> u64 {
         sys::resident_bytes(&self.memory)
+    }
+
+    /// The vCPU exit counters.
+    pub fn exit_counters(&self) -> &crate::metrics::ExitCounters {
+        &self.io.exits
     }
 
     /// The boot time the guest signalled, if it did.

@@ -131,6 +131,7 @@ pub struct Block {
     active: Option<Active>,
     log: LogLimiter,
     stats: BlockStats,
+    generation: u32,
 }
 
 impl Block {
@@ -157,12 +158,32 @@ impl Block {
             active: None,
             log: LogLimiter::new(format!("virtio-blk {id}")),
             stats: BlockStats::default(),
+            generation: 0,
         })
     }
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors
+    }
+
+    /// Whether the drive is read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Swaps the image for `disk` (`PATCH /drives`): the capacity follows
+    /// the new file, and a running driver is told its configuration
+    /// changed.
+    pub fn replace_image(&mut self, disk: File) -> Result<(), BlockError> {
+        let size = disk.metadata().map_err(BlockError::Size)?.len();
+        self.disk = disk;
+        self.sectors = size / SECTOR_SIZE;
+        self.generation = self.generation.wrapping_add(1);
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config();
+        }
+        Ok(())
     }
 
     /// The counters.
@@ -424,6 +445,22 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("read_count", s.reads),
+            ("write_count", s.writes),
+            ("flush_count", s.flushes),
+            ("error_count", s.errors),
+            ("read_bytes", s.bytes_read),
+            ("write_bytes", s.bytes_written),
+        ]
     }
 }
 

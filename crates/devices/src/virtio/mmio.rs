@@ -131,7 +131,7 @@ impl MmioTransport {
             }
             REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => device.config_generation(),
             _ => {
                 debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0

@@ -68,6 +68,12 @@ impl VirtioInterrupt {
         self.status.fetch_or(INT_VRING, Ordering::SeqCst);
         self.line.pulse();
     }
+
+    /// Signals a change of the configuration space.
+    pub fn signal_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        self.line.pulse();
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -103,6 +109,14 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns the device to its state before activation.
     fn reset(&mut self);
+    /// Changes each time the configuration space changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+    /// The device's counters, for metrics.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Copies the part of `config` that `offset` and `data` select; bytes

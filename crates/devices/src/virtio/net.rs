@@ -369,6 +369,16 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_len = 0;
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("tx_frames", s.tx_frames),
+            ("rx_frames", s.rx_frames),
+            ("dropped", s.dropped),
+            ("rx_deferred", s.rx_deferred),
+        ]
+    }
 }
 
 impl MutEventSubscriber for Net {

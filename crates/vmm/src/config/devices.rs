@@ -224,6 +224,55 @@ impl NetConfig {
     }
 }
 
+/// `PATCH /drives/{drive_id}`: a new image for a running drive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    /// The drive's id.
+    pub drive_id: String,
+    /// The new image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Rate limiter (not in flatlet; `null` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl DriveUpdate {
+    /// Checks what can be checked without the drive.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("drive_id", &self.drive_id)?;
+        unsupported_if_set("rate_limiter", &self.rate_limiter)?;
+        if self.path_on_host.as_deref() == Some("") {
+            return Err(ConfigError::EmptyPath("path_on_host"));
+        }
+        Ok(())
+    }
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: rate limiters only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetUpdate {
+    /// The interface's id.
+    pub iface_id: String,
+    /// Rate limiters (not in flatlet; `null` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Rate limiters (not in flatlet; `null` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+impl NetUpdate {
+    /// Checks the update.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("iface_id", &self.iface_id)?;
+        unsupported_if_set("rx_rate_limiter", &self.rx_rate_limiter)?;
+        unsupported_if_set("tx_rate_limiter", &self.tx_rate_limiter)
+    }
+}
+
 /// Checks a set of interfaces: unique ids and TAP names.
 pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
     for (i, n) in nets.iter().enumerate() {

@@ -211,23 +211,25 @@ pub struct BootSource {
     pub initrd: Option<PathBuf>,
 }
 
+impl From<&BootSourceConfig> for BootSource {
+    /// The boot source a body describes, unchecked ([`BootSource::validate`]
+    /// checks it).
+    fn from(c: &BootSourceConfig) -> Self {
+        Self {
+            kernel: Kernel::Path(PathBuf::from(&c.kernel_image_path)),
+            boot_args: c.boot_args.clone(),
+            initrd: c.initrd_path.as_ref().map(PathBuf::from),
+        }
+    }
+}
+
 /// What flatlet shows for the built-in guest where a path is expected.
 pub const BUILTIN_KERNEL_NAME: &str = "<built-in test guest>";
 
 impl BootSource {
     /// Validates an API or config-file boot source.
     pub fn from_config(c: &BootSourceConfig) -> Result<Self, ConfigError> {
-        if c.kernel_image_path.is_empty() {
-            return Err(ConfigError::EmptyPath("kernel_image_path"));
-        }
-        if c.initrd_path.as_deref() == Some("") {
-            return Err(ConfigError::EmptyPath("initrd_path"));
-        }
-        let source = Self {
-            kernel: Kernel::Path(PathBuf::from(&c.kernel_image_path)),
-            boot_args: c.boot_args.clone(),
-            initrd: c.initrd_path.as_ref().map(PathBuf::from),
-        };
+        let source = Self::from(c);
         source.validate()?;
         Ok(source)
     }
@@ -239,9 +241,15 @@ impl BootSource {
             validate_cmdline(args)?;
         }
         if let Kernel::Path(p) = &self.kernel {
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyPath("kernel_image_path"));
+            }
             check_readable_file("kernel", p)?;
         }
         if let Some(p) = &self.initrd {
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyPath("initrd_path"));
+            }
             check_readable_file("initrd", p)?;
         }
         Ok(())

@@ -291,3 +291,24 @@ fn a_full_queue_of_requests_is_processed_in_one_go() {
     );
     assert_eq!(r.dev.process_queue(), 0, "nothing left");
 }
+
+#[test]
+fn replacing_the_image_changes_capacity_and_tells_the_driver() {
+    let mut r = rig(false, CacheType::Unsafe);
+    let bigger = TempFile::new().unwrap();
+    bigger.as_file().write_all(&vec![9u8; 256 * 512]).unwrap();
+    let before = r.sink.sent.lock().unwrap().len();
+    r.dev.replace_image(bigger.into_file()).unwrap();
+    assert_eq!(r.dev.sectors(), 256);
+    assert_eq!(r.dev.config_generation(), 1);
+    assert_eq!(
+        r.sink.sent.lock().unwrap().len(),
+        before + 1,
+        "config-change interrupt"
+    );
+    r.header(T_IN, 200);
+    assert_eq!(r.submit(&req(512, true)), (513, S_OK));
+    let mut got = [0u8; 512];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got.iter().all(|b| *b == 9), "reads come from the new image");
+}

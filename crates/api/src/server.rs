@@ -1,0 +1,217 @@
+//! The API thread: HTTP/1.1 (hyper) on a Unix socket, on a single-threaded
+//! tokio runtime. Each request is parsed into a controller request and
+//! handed to the VMM thread; the thread's answer becomes the response.
+//!
+//! No client can hold the VMM up: headers must arrive within
+//! [`HEADER_TIMEOUT`] and bodies within [`BODY_TIMEOUT`], bodies are capped
+//! at the payload limit (51200 bytes by default, as in Firecracker), and
+//! every connection is a task of its own, so a slow or vanished client
+//! stalls only itself.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request as HttpRequest, Response as HttpResponse, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+
+use flatlet_vmm::runtime::{ApiCall, ApiSender};
+
+use crate::routes;
+
+/// Firecracker's default limit on request bodies.
+pub const DEFAULT_MAX_PAYLOAD: usize = 51200;
+/// How long a client may take to send its headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest header section.
+const MAX_HEADER_BUF: usize = 16 * 1024;
+
+/// Errors starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path is taken by a live server.
+    #[error("the API socket {0} is in use by another process")]
+    InUse(String),
+    /// The socket cannot be made.
+    #[error("cannot create the API socket {path}: {source}")]
+    Bind { path: String, source: std::io::Error },
+    /// The API thread cannot start.
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Binds the API socket. A stale socket file (nobody listening) is
+/// replaced; a live one is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let shown = path.display().to_string();
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(shown));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind { path: shown, source })
+}
+
+/// Removes the socket file when dropped (when flatlet exits).
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts the API thread serving `listener`.
+pub fn spawn(
+    listener: UnixListener,
+    vmm: ApiSender,
+    max_payload: usize,
+) -> Result<JoinHandle<()>, ServerError> {
+    listener.set_nonblocking(true).map_err(ServerError::Thread)?;
+    std::thread::Builder::new()
+        .name("fl_api".into())
+        .spawn(move || serve(listener, vmm, max_payload))
+        .map_err(ServerError::Thread)
+}
+
+fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!("API server: cannot start its runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("API server: {e}");
+                return;
+            }
+        };
+        let vmm = Arc::new(vmm);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait, then go on.
+                    warn!("API server: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let vmm = vmm.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(req, vmm.clone(), max_payload));
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BUF)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    debug!("API server: connection ended: {e}");
+                }
+            });
+        }
+    });
+}
+
+fn response(status: u16, body: Option<String>) -> HttpResponse<Full<Bytes>> {
+    let mut r = HttpResponse::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if body.is_some() {
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+    }
+    r
+}
+
+fn too_large(size: usize, max: usize) -> HttpResponse<Full<Bytes>> {
+    let (s, b) = routes::fault(&format!(
+        "Request payload with size {size} is larger than the limit of {max} allowed by server."
+    ));
+    response(s, b)
+}
+
+async fn handle(
+    req: HttpRequest<Incoming>,
+    vmm: Arc<ApiSender>,
+    max_payload: usize,
+) -> Result<HttpResponse<Full<Bytes>>, std::convert::Infallible> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > max_payload) {
+        return Ok(too_large(n, max_payload));
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max_payload).collect())
+        .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            return Ok(if e.is::<http_body_util::LengthLimitError>() {
+                too_large(max_payload + 1, max_payload)
+            } else {
+                let (s, b) = routes::fault(&format!("Cannot read the request body: {e}"));
+                response(s, b)
+            });
+        }
+        Err(_) => {
+            let (s, b) = routes::fault("The request body did not arrive in time.");
+            return Ok(response(s, b));
+        }
+    };
+    let request = match routes::parse(&method, &path, &body) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("API: {method} {path}: {e}");
+            let (s, b) = routes::fault(&e.to_string());
+            return Ok(response(s, b));
+        }
+    };
+    debug!("API: {method} {path}");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let call = ApiCall {
+        request,
+        reply: Box::new(move |result| {
+            let _ = tx.send(result.map_err(|e| e.to_string()));
+        }),
+    };
+    if vmm.send(call).is_err() {
+        return Ok(response(
+            503,
+            Some(r#"{"fault_message":"The VMM is shutting down."}"#.into()),
+        ));
+    }
+    let (status, body) = match rx.await {
+        Ok(result) => routes::reply(result),
+        Err(_) => (
+            503,
+            Some(r#"{"fault_message":"The VMM is shutting down."}"#.into()),
+        ),
+    };
+    Ok(response(status, body))
+}
