@@ -53,6 +53,10 @@ pub struct CommonArgs {
     /// Instance id, shown by the API.
     #[arg(long, default_value = "anonymous-instance", global = true)]
     pub id: String,
+
+    /// Do not install seccomp filters (for debugging only).
+    #[arg(long, global = true)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Debug, Subcommand)]

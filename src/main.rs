@@ -51,6 +51,9 @@ impl From<ControllerError> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     flatlet_vmm::logger::init(cli.common.log_level);
+    if cli.common.no_seccomp {
+        flatlet_vmm::seccomp::disable();
+    }
     let result = match &cli.command {
         Some(Command::Run(args)) => run(args, &cli.common),
         Some(Command::GuestImage { out }) => guest_image(out),
@@ -158,6 +161,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
 
 /// A runtime with its controller, console and signal handling.
 fn runtime(common: &CommonArgs, irqchip: IrqchipMode) -> Result<Runtime, Failure> {
+    flatlet_vmm::seccomp::prepare().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     let host = HostKind::detect();
     info!("KVM host: {host}");
     let kick = vmm_sys_util::signal::SIGRTMIN();
@@ -182,10 +186,18 @@ fn runtime(common: &CommonArgs, irqchip: IrqchipMode) -> Result<Runtime, Failure
 fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
     let requests = run_requests(args)?;
     let mut rt = runtime(common, args.irqchip)?;
+    filter_vmm_thread()?;
     for req in requests {
         rt.handle(req)?;
     }
     run_to_exit(rt)
+}
+
+/// Installs the VMM thread's seccomp filter: before any request (and so
+/// anything a client or guest controls) is handled.
+fn filter_vmm_thread() -> Result<(), Failure> {
+    flatlet_vmm::seccomp::install(flatlet_vmm::seccomp::ThreadKind::Vmm)
+        .map_err(|e| Failure::new(EXIT_ERROR, e))
 }
 
 /// Runs the event loop until the VM (or flatlet) ends.
@@ -210,6 +222,7 @@ fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failu
     let sender = rt.api_sender().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     flatlet_api::server::spawn(listener, sender, cli.http_api_max_payload_size)
         .map_err(|e| Failure::new(EXIT_ERROR, e))?;
+    filter_vmm_thread()?;
     info!("API server listening on {}", sock.display());
     for req in requests.into_iter().flatten() {
         rt.handle(req)?;

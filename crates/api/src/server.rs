@@ -49,6 +49,9 @@ pub enum ServerError {
     /// The API thread cannot start.
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    /// The API thread's seccomp filter.
+    #[error("API thread: {0}")]
+    Seccomp(String),
 }
 
 /// Binds the API socket. A stale socket file (nobody listening) is

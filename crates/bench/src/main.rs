@@ -1,6 +1,7 @@
 //! `flatlet-bench`: measures microVM launches with flatlet (and, later,
 //! container starts) side by side, on this machine.
 
+mod api;
 mod devices;
 mod probe;
 mod stats;
@@ -61,6 +62,19 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The API's costs: process start to the first answered `GET /`, and
+    /// the latency of `GET /` and `PUT /machine-config` on one connection.
+    Api {
+        /// Launches timed to their first answer.
+        #[arg(long, default_value_t = 20)]
+        launches: usize,
+        /// Requests of each kind timed.
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        /// The flatlet binary (default: the one next to flatlet-bench).
+        #[arg(long)]
+        flatlet: Option<PathBuf>,
+    },
     /// Measures one launch (used by the benchmarks themselves, so that each
     /// launch's resource usage is its own). Prints JSON.
     #[command(hide = true)]
@@ -103,6 +117,23 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&m).unwrap_or_default());
             ExitCode::SUCCESS
         }
+        Cmd::Api {
+            launches,
+            requests,
+            flatlet,
+        } => match flatlet
+            .map_or_else(|| sibling("flatlet"), Ok)
+            .and_then(|f| api::run(&f, launches, requests))
+        {
+            Ok(figures) => {
+                api::print(&figures);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flatlet-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Devices {
             blk_mib,
             frames,

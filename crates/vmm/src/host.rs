@@ -24,20 +24,44 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    /// Looks at the loaded KVM modules and the CPU.
+    /// Looks at the loaded KVM modules and, where `/sys` is out of reach
+    /// (in a jail), at the CPU: KVM without VMX or SVM is PVM.
     pub fn detect() -> Self {
-        Self::from_probe(|m| Path::new("/sys/module").join(m).exists(), running_in_a_vm())
+        let cpu = cpu_virtualization();
+        let sys = Path::new("/sys/module");
+        if sys.exists() {
+            Self::from_probe(|m| sys.join(m).exists(), cpu)
+        } else {
+            Self::from_cpu(cpu)
+        }
     }
 
-    fn from_probe(module_loaded: impl Fn(&str) -> bool, nested: bool) -> Self {
+    fn from_probe(module_loaded: impl Fn(&str) -> bool, cpu: CpuVirt) -> Self {
         if module_loaded("kvm_pvm") {
             HostKind::Pvm
         } else if module_loaded("kvm_intel") {
-            HostKind::Vmx { nested }
+            HostKind::Vmx {
+                nested: cpu.hypervisor,
+            }
         } else if module_loaded("kvm_amd") {
-            HostKind::Svm { nested }
+            HostKind::Svm {
+                nested: cpu.hypervisor,
+            }
         } else {
             HostKind::Unknown
+        }
+    }
+
+    fn from_cpu(cpu: CpuVirt) -> Self {
+        match (cpu.vmx, cpu.svm) {
+            (true, _) => HostKind::Vmx {
+                nested: cpu.hypervisor,
+            },
+            (_, true) => HostKind::Svm {
+                nested: cpu.hypervisor,
+            },
+            // /dev/kvm works (flatlet checks) yet the CPU has neither.
+            _ => HostKind::Pvm,
         }
     }
 
@@ -63,9 +87,23 @@ impl fmt::Display for HostKind {
     }
 }
 
-/// The CPUID hypervisor bit: this host is itself a guest.
-fn running_in_a_vm() -> bool {
-    std::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0
+/// What the host CPU says about virtualization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CpuVirt {
+    vmx: bool,
+    svm: bool,
+    /// The CPUID hypervisor bit: this host is itself a guest.
+    hypervisor: bool,
+}
+
+fn cpu_virtualization() -> CpuVirt {
+    let leaf1 = std::arch::x86_64::__cpuid(1);
+    let ext = std::arch::x86_64::__cpuid(0x8000_0001);
+    CpuVirt {
+        vmx: leaf1.ecx & (1 << 5) != 0,
+        svm: ext.ecx & (1 << 2) != 0,
+        hypervisor: leaf1.ecx & (1 << 31) != 0,
+    }
 }
 
 #[cfg(test)]
@@ -74,21 +112,43 @@ mod tests {
 
     #[test]
     fn module_decides_the_kind() {
+        let bare = CpuVirt::default();
+        let nested = CpuVirt {
+            hypervisor: true,
+            ..bare
+        };
         assert_eq!(
-            HostKind::from_probe(|m| m == "kvm_pvm" || m == "kvm_intel", true),
+            HostKind::from_probe(|m| m == "kvm_pvm" || m == "kvm_intel", nested),
             HostKind::Pvm
         );
         assert_eq!(
-            HostKind::from_probe(|m| m == "kvm_intel", false),
+            HostKind::from_probe(|m| m == "kvm_intel", bare),
             HostKind::Vmx { nested: false }
         );
         assert_eq!(
-            HostKind::from_probe(|m| m == "kvm_amd", true),
+            HostKind::from_probe(|m| m == "kvm_amd", nested),
             HostKind::Svm { nested: true }
         );
-        assert_eq!(HostKind::from_probe(|_| false, false), HostKind::Unknown);
+        assert_eq!(HostKind::from_probe(|_| false, bare), HostKind::Unknown);
         assert!(HostKind::Pvm.emulates_guest_kernel());
         assert!(!HostKind::Vmx { nested: true }.emulates_guest_kernel());
         assert!(HostKind::Pvm.to_string().contains("emulator"));
+    }
+
+    #[test]
+    fn without_sys_the_cpu_decides() {
+        let vmx = CpuVirt {
+            vmx: true,
+            svm: false,
+            hypervisor: false,
+        };
+        assert_eq!(HostKind::from_cpu(vmx), HostKind::Vmx { nested: false });
+        let svm = CpuVirt {
+            svm: true,
+            hypervisor: true,
+            ..Default::default()
+        };
+        assert_eq!(HostKind::from_cpu(svm), HostKind::Svm { nested: true });
+        assert_eq!(HostKind::from_cpu(CpuVirt::default()), HostKind::Pvm);
     }
 }

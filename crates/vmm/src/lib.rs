@@ -18,6 +18,7 @@ pub mod logger;
 pub mod memory;
 pub mod metrics;
 pub mod runtime;
+pub mod seccomp;
 pub mod sys;
 pub mod vcpu;
 pub mod vm;

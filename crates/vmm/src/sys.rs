@@ -201,3 +201,18 @@ pub fn open_tap(name: &str, vnet_hdr_len: i32) -> std::io::Result<std::fs::File>
     }
     Ok(file)
 }
+
+/// Marks every file descriptor above stderr close-on-exec, so that a
+/// program this process executes inherits only stdin, stdout and stderr.
+pub fn cloexec_inherited_fds() -> std::io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on
+    // descriptors (it closes nothing and touches no memory); every
+    // descriptor this process (and Rust's std) holds stays valid until the
+    // exec that follows.
+    let rc = unsafe { libc::close_range(3, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC as libc::c_int) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

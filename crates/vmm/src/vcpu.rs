@@ -229,6 +229,12 @@ fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 
 fn vcpu_thread(fd: VcpuFd, setup: VcpuSetup, ctx: VcpuContext) {
     let index = setup.index;
+    // Before anything the guest controls.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+        let _ = ctx.events.send(VcpuEvent::Configured(index, Err(e.to_string())));
+        let _ = ctx.events.send(VcpuEvent::Stopped(index));
+        return;
+    }
     let mut vcpu = RunningVcpu::register(fd);
     let configured = configure(vcpu.fd(), &setup);
     let ok = configured.is_ok();

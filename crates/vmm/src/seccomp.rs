@@ -1,0 +1,166 @@
+//! seccomp filters: each of flatlet's threads allows only the system calls
+//! (and, for `ioctl`, the requests) it needs, and a forbidden call kills
+//! the process. The policy is `resources/seccomp/x86_64.json`, in
+//! seccompiler's JSON form, compiled when flatlet starts.
+//!
+//! Threads inherit their creator's filter: vCPU threads (and the fast-path
+//! thread) are made by the VMM thread, so the VMM policy also allows what
+//! vCPU threads do, and a vCPU thread adds its own, narrower filter on top.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use seccompiler::{BpfProgram, TargetArch};
+
+/// The policy, as shipped.
+pub const POLICY_JSON: &str = include_str!("../../../resources/seccomp/x86_64.json");
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+static FILTERS: OnceLock<Result<HashMap<String, BpfProgram>, String>> = OnceLock::new();
+
+/// Which filter a thread gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The VMM thread (event loop, controller, device queues).
+    Vmm,
+    /// The API thread.
+    Api,
+    /// A vCPU thread.
+    Vcpu,
+}
+
+impl ThreadKind {
+    /// The filter's name in the policy.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+        }
+    }
+}
+
+/// Errors of seccomp set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The policy does not compile.
+    #[error("the seccomp policy does not compile: {0}")]
+    Compile(String),
+    /// The policy lacks a thread's filter.
+    #[error("the seccomp policy has no filter {0:?}")]
+    Missing(&'static str),
+    /// The kernel refused the filter.
+    #[error("cannot install the {0} seccomp filter: {1}")]
+    Install(&'static str, String),
+}
+
+/// Turns filtering off (`--no-seccomp`, for debugging).
+pub fn disable() {
+    ENABLED.store(false, Ordering::SeqCst);
+}
+
+/// Whether filters are installed.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::SeqCst)
+}
+
+fn filters() -> Result<&'static HashMap<String, BpfProgram>, SeccompError> {
+    FILTERS
+        .get_or_init(|| {
+            seccompiler::compile_from_json(POLICY_JSON.as_bytes(), TargetArch::x86_64)
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| SeccompError::Compile(e.clone()))
+}
+
+/// Compiles the policy (once), so that a thread installing its filter later
+/// does no work but the installation.
+pub fn prepare() -> Result<(), SeccompError> {
+    if enabled() { filters().map(|_| ()) } else { Ok(()) }
+}
+
+/// Installs `kind`'s filter on the calling thread (unless disabled).
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    if !enabled() {
+        return Ok(());
+    }
+    let filter = filters()?
+        .get(kind.name())
+        .ok_or(SeccompError::Missing(kind.name()))?;
+    seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install(kind.name(), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_compiles_with_every_thread_filter() {
+        let f = filters().unwrap();
+        for k in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+            assert!(f.contains_key(k.name()), "{}", k.name());
+        }
+    }
+
+    #[test]
+    fn allowed_calls_go_through() {
+        // A vCPU thread writes eventfds and reads the process CPU time.
+        let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let theirs = evt.try_clone().unwrap();
+        let ok = std::thread::spawn(move || {
+            install(ThreadKind::Vcpu).unwrap();
+            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID);
+            theirs.write(1).is_ok() && t.is_ok()
+        })
+        .join()
+        .unwrap();
+        assert!(ok);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    const CHILD: &str = "FLATLET_SECCOMP_TEST_CHILD";
+
+    /// The child side: a thread installs the filter, then opens a socket,
+    /// which no filter allows.
+    fn forbidden_call_in_child(kind: &str) -> ! {
+        let kind = match kind {
+            "vcpu" => ThreadKind::Vcpu,
+            "api" => ThreadKind::Api,
+            _ => ThreadKind::Vmm,
+        };
+        let _ = std::thread::spawn(move || {
+            install(kind).unwrap();
+            let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+        })
+        .join();
+        // Reached only if the filter let the call through.
+        std::process::exit(42);
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_process() {
+        if let Ok(kind) = std::env::var(CHILD) {
+            forbidden_call_in_child(&kind);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        for kind in ["vcpu", "api", "vmm"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "seccomp::tests::a_forbidden_call_kills_the_process",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, kind)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGSYS),
+                "{kind}: {:?}",
+                out.status
+            );
+        }
+    }
+}
