@@ -76,17 +76,32 @@ impl Drop for SocketFile {
     }
 }
 
-/// Starts the API thread serving `listener`.
+/// Starts the API thread serving `listener`; returns once the thread has
+/// installed its seccomp filter (before it hears any client).
 pub fn spawn(
     listener: UnixListener,
     vmm: ApiSender,
     max_payload: usize,
 ) -> Result<JoinHandle<()>, ServerError> {
     listener.set_nonblocking(true).map_err(ServerError::Thread)?;
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
         .name("fl_api".into())
-        .spawn(move || serve(listener, vmm, max_payload))
-        .map_err(ServerError::Thread)
+        .spawn(move || {
+            flatlet_vmm::runtime::mask_stop_signals();
+            let filtered = flatlet_vmm::seccomp::install(flatlet_vmm::seccomp::ThreadKind::Api);
+            let ok = filtered.is_ok();
+            let _ = ready_tx.send(filtered.map_err(|e| e.to_string()));
+            if ok {
+                serve(listener, vmm, max_payload);
+            }
+        })
+        .map_err(ServerError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(ServerError::Seccomp(e)),
+        Err(_) => Err(ServerError::Seccomp("the API thread ended".into())),
+    }
 }
 
 fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {

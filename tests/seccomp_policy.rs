@@ -1,0 +1,355 @@
+//! The seccomp policy against what flatlet really calls: workloads run
+//! under strace with the filters on (a call the policy forbids would kill
+//! flatlet), and every system call (and ioctl request) each thread makes
+//! after its filter is in must be one its policy allows, while every rule
+//! of the policy must be used by the workloads or be marked `rare:` with
+//! the reason it is not.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{TempDir, kvm_or_skip};
+
+/// (filter name, syscall) and (filter name, ioctl request) seen.
+#[derive(Default)]
+struct Seen {
+    calls: BTreeSet<(String, String)>,
+    ioctls: BTreeSet<(String, u64)>,
+}
+
+/// Reads an strace log (`-f -X raw --decode-pids=comm`) into what each
+/// filter saw: a thread's calls after its own `seccomp()` count for its
+/// filter (vcpu or api), calls before it for the filter it inherited (the
+/// VMM's, for threads the VMM thread made), and the main thread's calls
+/// after its `seccomp()` for the VMM's.
+fn analyse(log: &str, seen: &mut Seen) {
+    let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut lines: Vec<(&str, &str)> = Vec::new();
+    for l in log.lines() {
+        let Some((tid, rest)) = l.split_once('<') else {
+            continue;
+        };
+        let Some((comm, call)) = rest.split_once("> ") else {
+            continue;
+        };
+        names.insert(tid, comm);
+        lines.push((tid, call));
+    }
+    let main_tid = lines.first().map(|(t, _)| *t).unwrap_or_default();
+    let mut installs: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, (tid, call)) in lines.iter().enumerate() {
+        if call.starts_with("seccomp(") {
+            installs.entry(tid).or_insert(i);
+        }
+    }
+    for (i, (tid, call)) in lines.iter().enumerate() {
+        if call.starts_with("<...") || call.starts_with("+++") || call.starts_with("---") {
+            continue;
+        }
+        let Some(name) = call
+            .split('(')
+            .next()
+            .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        else {
+            continue;
+        };
+        let comm = names[tid];
+        let own = installs.get(tid).is_some_and(|&at| i > at);
+        let filter = if comm.starts_with("fl_vcpu") {
+            if own { "vcpu" } else { "vmm" }
+        } else if comm == "fl_api" {
+            if own { "api" } else { continue }
+        } else if comm == "fl_fastpath" || (*tid == main_tid && own) {
+            "vmm"
+        } else {
+            continue;
+        };
+        // The seccomp() call itself is made before the filter is in.
+        if name == "seccomp" && !comm.starts_with("fl_vcpu") {
+            continue;
+        }
+        // A vCPU thread's own filter sits on the VMM's, which it
+        // inherited: its calls pass through both.
+        let filters: &[&str] = if filter == "vcpu" {
+            &["vcpu", "vmm"]
+        } else {
+            &[filter]
+        };
+        for f in filters {
+            seen.calls.insert((f.to_string(), name.to_string()));
+            if name == "ioctl" {
+                // `ioctl(fd, 0xae80, ...` (or `0xae80 <unfinished ...>`).
+                let arg = call.split(", ").nth(1).unwrap_or("");
+                let req = arg
+                    .split(|c: char| !(c.is_ascii_hexdigit() || c == 'x'))
+                    .next()
+                    .unwrap_or("");
+                let n = req
+                    .strip_prefix("0x")
+                    .map(|h| u64::from_str_radix(h, 16))
+                    .unwrap_or_else(|| req.parse());
+                if let Ok(n) = n {
+                    seen.ioctls.insert((f.to_string(), n));
+                }
+            }
+        }
+    }
+}
+
+fn strace_available() -> bool {
+    Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn traced(log: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("strace");
+    c.args(["-f", "-qq", "-X", "raw", "--decode-pids=comm", "-o"])
+        .arg(log)
+        .arg(env!("CARGO_BIN_EXE_flatlet"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+fn flatlet_api(sock: &Path, method: &str, path: &str, body: &str) {
+    let r = flatlet_api::client::request(sock, method, path, Some(body)).unwrap();
+    assert!(r.status < 300, "{method} {path}: {r:?}");
+}
+
+/// Runs the workloads; returns the strace logs.
+fn workloads(dir: &TempDir) -> Vec<String> {
+    let img = dir.path("disk.img");
+    std::fs::write(&img, vec![0u8; 64 * 1024]).unwrap();
+    let guest = dir.path("guest.elf");
+    std::fs::write(&guest, flatlet_guest::ELF).unwrap();
+    let mut logs = Vec::new();
+    // A TAP in a namespace of the test's own, for virtio-net.
+    let ns = format!("flatlet-sc-{}", std::process::id());
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+    let have_tap = ip(&["netns", "add", &ns])
+        && ip(&["-n", &ns, "tuntap", "add", "dev", "sctap0", "mode", "tap"])
+        && ip(&["-n", &ns, "link", "set", "sctap0", "up"]);
+    assert!(have_tap, "network namespace and TAP for the net workload");
+    let net_log = dir.path("net.log");
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "strace",
+            "-f",
+            "-qq",
+            "-X",
+            "raw",
+            "--decode-pids=comm",
+            "-o",
+        ])
+        .arg(&net_log)
+        .arg(env!("CARGO_BIN_EXE_flatlet"))
+        .args(["run", "--net", "sctap0,mac=06:00:00:00:00:01"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let _ = ip(&["netns", "delete", &ns]);
+    assert_eq!(st.code(), Some(0), "virtio-net under the filters");
+    logs.push(std::fs::read_to_string(&net_log).unwrap());
+
+    let mut run = |name: &str, args: Vec<String>| {
+        let log = dir.path(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let st = traced(&log, &args).status().unwrap();
+        logs.push(std::fs::read_to_string(&log).unwrap());
+        st
+    };
+    let drive = format!("{},cache=writeback", img.display());
+    let st = run(
+        "boot.log",
+        vec![
+            "run",
+            "--vcpus",
+            "2",
+            "--drive",
+            &drive,
+            "--cmdline",
+            "console=ttyS0 flatlet.int3",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    );
+    assert_eq!(st.code(), Some(0), "boot with a drive under the filters");
+    let st = run(
+        "crash.log",
+        ["run", "--cmdline", "console=ttyS0 flatlet.crash=emul"]
+            .map(String::from)
+            .to_vec(),
+    );
+    assert!(
+        st.code().is_some(),
+        "a guest crash is an exit, not a kill: {st:?}"
+    );
+    for mode in ["full", "full-pit"] {
+        let st = run(
+            &format!("{mode}.log"),
+            ["run", "--vcpus", "2", "--irqchip", mode]
+                .map(String::from)
+                .to_vec(),
+        );
+        assert_eq!(st.code(), Some(0), "{mode} irqchip under the filters");
+    }
+
+    // The API, with a guest that stays, pause/resume, metrics, a drive
+    // swap, bad requests, and the end through Ctrl-Alt-Del.
+    let sock = dir.path("api.sock");
+    let api_log = dir.path("api.log");
+    let mut child = traced(&api_log, &["--api-sock", sock.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while flatlet_api::client::request(&sock, "GET", "/", None).is_err() {
+        assert!(std::time::Instant::now() < deadline, "API never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let metrics = dir.path("metrics.json");
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+    );
+    let logfile = dir.path("flatlet.log");
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/logger",
+        &format!(r#"{{"log_path": "{}"}}"#, logfile.display()),
+    );
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/drives/d0",
+        &format!(
+            r#"{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false}}"#,
+            img.display()
+        ),
+    );
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 flatlet.stay"}}"#,
+            guest.display()
+        ),
+    );
+    flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    std::thread::sleep(Duration::from_millis(1500));
+    flatlet_api(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    flatlet_api(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    flatlet_api(
+        &sock,
+        "PATCH",
+        "/drives/d0",
+        &format!(r#"{{"drive_id": "d0", "path_on_host": "{}"}}"#, img.display()),
+    );
+    let bad = flatlet_api::client::request(&sock, "GET", "/nowhere", None).unwrap();
+    assert_eq!(bad.status, 400);
+    flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "the API session under the filters");
+    logs.push(std::fs::read_to_string(&api_log).unwrap());
+
+    // SIGTERM to a running guest (to flatlet, not to strace: flatlet's
+    // PID heads the log).
+    let stay_log = dir.path("stay.log");
+    let mut child = traced(&stay_log, &["run", "--cmdline", "console=ttyS0 flatlet.stay"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let log = std::fs::read_to_string(&stay_log).unwrap();
+    let pid: i32 = log.split('<').next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.code().is_some(), "stopped, not killed: {st:?}");
+    logs.push(std::fs::read_to_string(&stay_log).unwrap());
+    logs
+}
+
+#[test]
+fn policy_matches_what_flatlet_calls() {
+    if !kvm_or_skip("policy_matches_what_flatlet_calls") {
+        return;
+    }
+    if !strace_available() {
+        eprintln!("SKIPPED policy_matches_what_flatlet_calls: strace is not installed");
+        return;
+    }
+    let dir = TempDir::new("seccomp");
+    let mut seen = Seen::default();
+    for log in workloads(&dir) {
+        assert!(
+            !log.contains("killed by SIGSYS"),
+            "a filter killed flatlet:\n{log}"
+        );
+        analyse(&log, &mut seen);
+    }
+    let policy: serde_json::Value = serde_json::from_str(flatlet_vmm::seccomp::POLICY_JSON).unwrap();
+    let mut problems = Vec::new();
+    for filter in ["vmm", "api", "vcpu"] {
+        let rules = policy[filter]["filter"].as_array().unwrap();
+        let allowed_calls: BTreeSet<&str> = rules.iter().map(|r| r["syscall"].as_str().unwrap()).collect();
+        let allowed_ioctls: BTreeSet<u64> = rules
+            .iter()
+            .filter_map(|r| r["args"].as_array())
+            .flat_map(|a| a.iter().map(|c| c["val"].as_u64().unwrap()))
+            .collect();
+        for (f, call) in &seen.calls {
+            if f == filter && !allowed_calls.contains(call.as_str()) {
+                problems.push(format!("{filter}: calls {call}, which its policy does not allow"));
+            }
+        }
+        for (f, req) in &seen.ioctls {
+            if f == filter && !allowed_ioctls.contains(req) {
+                problems.push(format!(
+                    "{filter}: ioctl {req:#x}, which its policy does not allow"
+                ));
+            }
+        }
+        for r in rules {
+            let call = r["syscall"].as_str().unwrap();
+            let rare = r["comment"].as_str().is_some_and(|c| c.starts_with("rare:"));
+            let used = match r["args"].as_array() {
+                Some(args) => args.iter().all(|c| {
+                    seen.ioctls
+                        .contains(&(filter.to_string(), c["val"].as_u64().unwrap()))
+                }),
+                None => seen.calls.contains(&(filter.to_string(), call.to_string())),
+            };
+            if !used && !rare {
+                problems.push(format!(
+                    "{filter}: rule {r} is never used by the workloads and not marked rare:"
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
