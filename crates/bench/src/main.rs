@@ -2,8 +2,10 @@
 //! container starts) side by side, on this machine.
 
 mod api;
+mod compare;
 mod devices;
 mod probe;
+mod report;
 mod stats;
 
 use std::path::PathBuf;
@@ -41,6 +43,41 @@ enum Cmd {
         /// irqchip modes to compare (comma-separated: split, full, full-pit).
         #[arg(long, default_value = "split", value_delimiter = ',')]
         irqchip: Vec<String>,
+        /// The flatlet binary (default: the one next to flatlet-bench).
+        #[arg(long)]
+        flatlet: Option<PathBuf>,
+    },
+    /// microVM launch against container start: flatlet (test guest, and
+    /// under the jailer), runc, crun, bwrap, unshare+chroot and a plain
+    /// process; a table, and JSON, CSV and an SVG chart in --out.
+    Compare {
+        /// A small run, for CI and a first look (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Measured launches per contender.
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Unmeasured rounds first.
+        #[arg(long)]
+        warmup: Option<usize>,
+        /// Concurrency levels (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        sweep: Option<Vec<usize>>,
+        /// Rounds per concurrency level.
+        #[arg(long)]
+        sweep_rounds: Option<usize>,
+        /// Where the JSON, CSV and SVG files go.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// The OCI bundle tools/setup-bench made.
+        #[arg(long, default_value = "/var/tmp/flatlet-bench/bundle")]
+        bundle: PathBuf,
+        /// A Linux kernel to boot as well (with --rootfs), for real hosts.
+        #[arg(long, requires = "rootfs")]
+        kernel: Option<PathBuf>,
+        /// The root file system image for --kernel.
+        #[arg(long, requires = "kernel")]
+        rootfs: Option<PathBuf>,
         /// The flatlet binary (default: the one next to flatlet-bench).
         #[arg(long)]
         flatlet: Option<PathBuf>,
@@ -116,6 +153,39 @@ fn main() -> ExitCode {
             let m = probe::measure(&argv, &ready, Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&m).unwrap_or_default());
             ExitCode::SUCCESS
+        }
+        Cmd::Compare {
+            quick,
+            runs,
+            warmup,
+            sweep,
+            sweep_rounds,
+            out,
+            bundle,
+            kernel,
+            rootfs,
+            flatlet,
+        } => {
+            let plan = compare::Plan {
+                runs: runs.unwrap_or(if quick { 5 } else { 20 }),
+                warmup: warmup.unwrap_or(if quick { 1 } else { 2 }),
+                sweep: sweep.unwrap_or_else(|| {
+                    if quick {
+                        vec![1, 2, 4]
+                    } else {
+                        vec![1, 2, 4, 8, 16]
+                    }
+                }),
+                sweep_rounds: sweep_rounds.unwrap_or(if quick { 1 } else { 3 }),
+                timeout: Duration::from_secs(120),
+            };
+            match run_compare(&plan, &out, bundle, kernel.zip(rootfs), flatlet) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("flatlet-bench: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Api {
             launches,
@@ -320,4 +390,59 @@ fn device_table(blk_mib: u64, frames: usize, dir: &str, rounds: usize) {
             d / b
         );
     }
+}
+
+fn run_compare(
+    plan: &compare::Plan,
+    out: &std::path::Path,
+    bundle: PathBuf,
+    linux: Option<(PathBuf, PathBuf)>,
+    flatlet: Option<PathBuf>,
+) -> Result<(), String> {
+    let flatlet = match flatlet {
+        Some(p) => p,
+        None => sibling("flatlet")?,
+    };
+    let jailer = flatlet.with_file_name("flatlet-jailer");
+    let jail_dir = std::env::temp_dir().join(format!("flatlet-bench-jails-{}", std::process::id()));
+    let setup = compare::Setup {
+        flatlet,
+        jailer,
+        bundle,
+        jail_dir: jail_dir.clone(),
+        linux,
+    };
+    let contenders = compare::contenders(&setup);
+    let machine = report::Machine::probe();
+    eprint!("{}", machine.describe());
+    eprintln!(
+        "flatlet-bench: {} launches of each contender after {} warm-up rounds, interleaved; then {:?} at once, {} rounds",
+        plan.runs, plan.warmup, plan.sweep, plan.sweep_rounds
+    );
+    let samples = compare::measure(&contenders, plan);
+    let (sweep, errors) = compare::sweep(&contenders, plan);
+    let _ = std::fs::remove_dir_all(&jail_dir);
+    for e in &errors {
+        eprintln!("flatlet-bench: sweep: {e}");
+    }
+    let rows = report::rows(&contenders, &samples, &sweep);
+    print!("{}", machine.describe());
+    print!("{}", report::table(&rows, &contenders));
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let json = serde_json::to_string_pretty(&report::Report {
+        machine: &machine,
+        contenders: &contenders,
+        summary: &rows,
+        samples: &samples,
+        sweep: &sweep,
+    })
+    .map_err(|e| e.to_string())?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(out.join(name), text).map_err(|e| format!("{}: {e}", out.join(name).display()))
+    };
+    write("results.json", &json)?;
+    write("samples.csv", &report::csv(&samples))?;
+    report::svg(&out.join("chart.svg"), &rows, &samples, &machine)?;
+    println!("wrote {}/results.json, samples.csv and chart.svg", out.display());
+    Ok(())
 }
