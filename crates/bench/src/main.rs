@@ -43,6 +43,14 @@ enum Cmd {
         /// irqchip modes to compare (comma-separated: split, full, full-pit).
         #[arg(long, default_value = "split", value_delimiter = ',')]
         irqchip: Vec<String>,
+        /// Device sets to compare (comma-separated): none, blk (one drive),
+        /// blk+net (and a virtio-net device on --tap).
+        #[arg(long, default_value = "none", value_delimiter = ',')]
+        devices: Vec<String>,
+        /// The TAP device for blk+net (run flatlet-bench in the network
+        /// namespace that holds it).
+        #[arg(long)]
+        tap: Option<String>,
         /// The flatlet binary (default: the one next to flatlet-bench).
         #[arg(long)]
         flatlet: Option<PathBuf>,
@@ -218,8 +226,10 @@ fn main() -> ExitCode {
             warmup,
             vcpus,
             irqchip,
+            devices,
+            tap,
             flatlet,
-        } => match boot(runs, warmup, vcpus, &irqchip, flatlet) {
+        } => match boot(runs, warmup, vcpus, &irqchip, &devices, tap.as_deref(), flatlet) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("flatlet-bench: {e}");
@@ -288,36 +298,60 @@ fn fmt_kib(kib: Option<Summary>) -> String {
         .unwrap_or_else(|| format!("{:>7}", "-"))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn boot(
     runs: usize,
     warmup: usize,
     vcpus: u32,
     irqchip: &[String],
+    devices: &[String],
+    tap: Option<&str>,
     flatlet: Option<PathBuf>,
 ) -> Result<(), String> {
     let flatlet = match flatlet {
         Some(p) => p,
         None => sibling("flatlet")?,
     };
-    let contenders: Vec<Contender> = irqchip
-        .iter()
-        .map(|mode| Contender {
-            name: format!("flatlet ({mode} irqchip)"),
-            argv: vec![
+    let image = std::env::temp_dir().join(format!("flatlet-bench-{}.img", std::process::id()));
+    std::fs::write(&image, vec![0u8; 64 * 1024]).map_err(|e| e.to_string())?;
+    let mut contenders = Vec::new();
+    for mode in irqchip {
+        for set in devices {
+            let mut argv = vec![
                 flatlet.display().to_string(),
                 "run".into(),
                 "--vcpus".into(),
                 vcpus.to_string(),
                 "--irqchip".into(),
                 mode.clone(),
-            ],
-            ready: "line:Guest-boot-time".into(),
-        })
-        .collect();
+            ];
+            match set.as_str() {
+                "none" => {}
+                "blk" => argv.extend(["--drive".to_string(), image.display().to_string()]),
+                "blk+net" => {
+                    let tap = tap.ok_or("blk+net needs --tap")?;
+                    argv.extend([
+                        "--drive".to_string(),
+                        image.display().to_string(),
+                        "--net".into(),
+                        tap.into(),
+                    ]);
+                }
+                other => return Err(format!("unknown device set {other:?} (none, blk, blk+net)")),
+            }
+            contenders.push(Contender {
+                name: format!("{mode}, {set}"),
+                argv,
+                ready: "line:Guest-boot-time".into(),
+            });
+        }
+    }
     eprintln!(
         "flatlet-bench: {runs} launches of the test guest ({vcpus} vCPU) per variant, after {warmup} warm-up rounds"
     );
-    let samples = run_interleaved(&contenders, runs, warmup)?;
+    let samples = run_interleaved(&contenders, runs, warmup);
+    let _ = std::fs::remove_file(&image);
+    let samples = samples?;
     println!(
         "{:<26} {:>16} {:>16} {:>16} {:>7} {:>7} {:>16}",
         "median (p95), ms / MiB",

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::{BpfProgram, TargetArch};
+use seccompiler::{BpfProgram, sock_filter};
 
 /// The policy, as shipped.
 pub const POLICY_JSON: &str = include_str!("../../../resources/seccomp/x86_64.json");
@@ -65,17 +65,51 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }
 
+/// The policy, compiled to BPF by build.rs.
+const COMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
+/// The filters in COMPILED, in order.
+const ORDER: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu];
+
+/// Reads the filters build.rs compiled.
+fn decode(mut bytes: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        if bytes.len() < n {
+            return Err("the compiled seccomp filters are truncated".into());
+        }
+        let (head, rest) = bytes.split_at(n);
+        bytes = rest;
+        Ok(head)
+    };
+    let mut map = HashMap::new();
+    for kind in ORDER {
+        let c = take(4)?;
+        let count = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+        let mut prog = Vec::with_capacity(count);
+        for _ in 0..count {
+            let i = take(8)?;
+            prog.push(sock_filter {
+                code: u16::from_le_bytes([i[0], i[1]]),
+                jt: i[2],
+                jf: i[3],
+                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+            });
+        }
+        map.insert(kind.name().to_string(), prog);
+    }
+    if !bytes.is_empty() {
+        return Err("the compiled seccomp filters have trailing bytes".into());
+    }
+    Ok(map)
+}
+
 fn filters() -> Result<&'static HashMap<String, BpfProgram>, SeccompError> {
     FILTERS
-        .get_or_init(|| {
-            seccompiler::compile_from_json(POLICY_JSON.as_bytes(), TargetArch::x86_64)
-                .map_err(|e| e.to_string())
-        })
+        .get_or_init(|| decode(COMPILED))
         .as_ref()
         .map_err(|e| SeccompError::Compile(e.clone()))
 }
 
-/// Compiles the policy (once), so that a thread installing its filter later
+/// Loads the filters (once), so that a thread installing its filter later
 /// does no work but the installation.
 pub fn prepare() -> Result<(), SeccompError> {
     if enabled() { filters().map(|_| ()) } else { Ok(()) }
@@ -97,11 +131,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_policy_compiles_with_every_thread_filter() {
-        let f = filters().unwrap();
-        for k in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
-            assert!(f.contains_key(k.name()), "{}", k.name());
+    fn the_built_filters_are_the_policy() {
+        let built = filters().unwrap();
+        let fresh =
+            seccompiler::compile_from_json(POLICY_JSON.as_bytes(), seccompiler::TargetArch::x86_64).unwrap();
+        for k in ORDER {
+            assert_eq!(built[k.name()], fresh[k.name()], "{}", k.name());
         }
+        assert!(decode(&COMPILED[..COMPILED.len() - 1]).is_err(), "truncated");
     }
 
     #[test]
