@@ -220,9 +220,10 @@ fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failu
     let listener = flatlet_api::server::bind(sock).map_err(|e| Failure::new(EXIT_BAD_CONFIG, e))?;
     let _socket = flatlet_api::server::SocketFile(sock.to_path_buf());
     let sender = rt.api_sender().map_err(|e| Failure::new(EXIT_ERROR, e))?;
-    flatlet_api::server::spawn(listener, sender, cli.http_api_max_payload_size)
+    let api = flatlet_api::server::spawn(listener, sender, cli.http_api_max_payload_size)
         .map_err(|e| Failure::new(EXIT_ERROR, e))?;
     filter_vmm_thread()?;
+    api.wait_ready().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     info!("API server listening on {}", sock.display());
     for req in requests.into_iter().flatten() {
         rt.handle(req)?;

@@ -11,6 +11,7 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -76,13 +77,30 @@ impl Drop for SocketFile {
     }
 }
 
-/// Starts the API thread serving `listener`; returns once the thread has
-/// installed its seccomp filter (before it hears any client).
-pub fn spawn(
-    listener: UnixListener,
-    vmm: ApiSender,
-    max_payload: usize,
-) -> Result<JoinHandle<()>, ServerError> {
+/// The running API thread.
+pub struct ApiThread {
+    /// The thread.
+    pub handle: JoinHandle<()>,
+    ready: Receiver<Result<(), String>>,
+}
+
+impl ApiThread {
+    /// Waits until the thread has installed its seccomp filter, which it
+    /// does before it hears any client; an error if it could not.
+    pub fn wait_ready(&self) -> Result<(), ServerError> {
+        match self.ready.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::Seccomp(e)),
+            Err(_) => Err(ServerError::Seccomp("the API thread ended".into())),
+        }
+    }
+}
+
+/// Starts the API thread serving `listener`. It installs its seccomp filter
+/// first, while the caller goes on (installing a filter costs a few hundred
+/// microseconds here, so the VMM thread installs its own meanwhile); the
+/// caller checks the outcome with [`ApiThread::wait_ready`].
+pub fn spawn(listener: UnixListener, vmm: ApiSender, max_payload: usize) -> Result<ApiThread, ServerError> {
     listener.set_nonblocking(true).map_err(ServerError::Thread)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
@@ -97,11 +115,10 @@ pub fn spawn(
             }
         })
         .map_err(ServerError::Thread)?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(e)) => Err(ServerError::Seccomp(e)),
-        Err(_) => Err(ServerError::Seccomp("the API thread ended".into())),
-    }
+    Ok(ApiThread {
+        handle,
+        ready: ready_rx,
+    })
 }
 
 fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
