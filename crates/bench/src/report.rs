@@ -263,6 +263,10 @@ pub fn svg(path: &Path, rows: &[Row], samples: &[Sample], machine: &Machine) -> 
         .configure_mesh()
         .x_desc("milliseconds")
         .disable_y_mesh()
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(name) | SegmentValue::Exact(name) => name.to_string(),
+            SegmentValue::Last => String::new(),
+        })
         .draw()
         .map_err(|e| err(&e))?;
     for (i, r) in rows.iter().enumerate() {
@@ -295,17 +299,31 @@ pub fn svg(path: &Path, rows: &[Row], samples: &[Sample], machine: &Machine) -> 
         .iter()
         .flat_map(|r| r.launches_per_sec.iter().map(|(_, v)| *v))
         .fold(1.0f64, f64::max);
+    // Logarithmic axes: the plain process launches ~10x faster than the
+    // rest, and the concurrency levels double.
+    let min_lps = rows
+        .iter()
+        .flat_map(|r| r.launches_per_sec.iter().map(|(_, v)| *v))
+        .filter(|v| *v > 0.0)
+        .fold(max_lps, f64::min);
     let mut chart = ChartBuilder::on(&right)
         .caption("launches per second", ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(1f64..max_k as f64, 0f64..max_lps * 1.1)
+        .build_cartesian_2d(
+            (1f64..max_k as f64).log_scale(),
+            // Headroom above for the legend.
+            (min_lps * 0.8..max_lps * 10.0).log_scale(),
+        )
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("launched at once")
         .y_desc("launches/s")
+        .light_line_style(WHITE)
+        .x_label_formatter(&|k| format!("{k:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(|e| err(&e))?;
     for (i, r) in rows.iter().enumerate() {
@@ -325,6 +343,7 @@ pub fn svg(path: &Path, rows: &[Row], samples: &[Sample], machine: &Machine) -> 
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()

@@ -236,16 +236,22 @@ impl Jail {
     /// process in them), resource limits, the network namespace.
     pub fn prepare(&self) -> Result<(), JailError> {
         let parent = self.dir.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(parent).map_err(step(format!("creating {}", parent.display())))?;
-        match fs::create_dir(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(JailError::Exists {
-                    id: self.id.clone(),
-                    path: self.dir.display().to_string(),
-                });
+        // `clean` of another jail removes the parents when they are empty;
+        // if that happens between the two steps, make them again.
+        let mut attempts = 0;
+        loop {
+            fs::create_dir_all(parent).map_err(step(format!("creating {}", parent.display())))?;
+            match fs::create_dir(&self.dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(JailError::Exists {
+                        id: self.id.clone(),
+                        path: self.dir.display().to_string(),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+                Err(e) => return Err(step(format!("creating {}", self.dir.display()))(e)),
             }
-            Err(e) => return Err(step(format!("creating {}", self.dir.display()))(e)),
         }
         fs::create_dir(&self.root).map_err(step(format!("creating {}", self.root.display())))?;
         let target = self.root.join(&self.exec_name);
