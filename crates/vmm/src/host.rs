@@ -69,6 +69,20 @@ impl HostKind {
     pub fn emulates_guest_kernel(&self) -> bool {
         matches!(self, HostKind::Pvm)
     }
+
+    /// Flags a Linux guest needs on its command line on this host, if any.
+    /// On PVM: keep Linux off the instructions KVM's emulator cannot run
+    /// (CPUID masking does not reach the guest for all of them), and off
+    /// work that only costs time when ring 0 is emulated (see
+    /// resources/guest/README.md for each).
+    pub fn linux_guest_flags(&self) -> Option<String> {
+        self.emulates_guest_kernel().then(|| {
+            format!(
+                "noxsave clearcpuid={} mitigations=off",
+                crate::arch::cpuid::EMULATOR_CLEARCPUID
+            )
+        })
+    }
 }
 
 impl fmt::Display for HostKind {

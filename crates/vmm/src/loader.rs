@@ -69,6 +69,8 @@ pub enum LoaderError {
 pub struct LoadedKernel {
     /// Where the boot vCPU starts, in 64-bit mode.
     pub entry: u64,
+    /// First guest-physical address of the kernel.
+    pub start: u64,
     /// First guest-physical address past the kernel.
     pub end: u64,
     /// The bzImage's setup header, for the zero page.
@@ -168,6 +170,7 @@ fn load_image<F: Read + ReadVolatile + Seek>(
     };
     Ok(LoadedKernel {
         entry,
+        start: result.kernel_load.0,
         end: result.kernel_end,
         setup_header: result.setup_header,
     })
@@ -244,22 +247,77 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
+/// Whether the loaded kernel is Linux: a bzImage, or an ELF whose loaded
+/// image holds Linux's version banner.
+pub fn is_linux(mem: &GuestMemoryMmap, kernel: &LoadedKernel) -> bool {
+    const BANNER: &[u8] = b"Linux version ";
+    const CHUNK: u64 = 1 << 20;
+    if kernel.setup_header.is_some() {
+        return true;
+    }
+    let finder = memchr::memmem::Finder::new(BANNER);
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut addr = kernel.start;
+    while addr < kernel.end {
+        let n = (kernel.end - addr).min(CHUNK) as usize;
+        if mem.read_slice(&mut buf[..n], GuestAddress(addr)).is_err() {
+            return false;
+        }
+        if finder.find(&buf[..n]).is_some() {
+            return true;
+        }
+        if n <= BANNER.len() {
+            break;
+        }
+        // Overlap the chunks so that a banner across a boundary is found.
+        addr += (n - (BANNER.len() - 1)) as u64;
+    }
+    false
+}
+
 /// The command line the guest gets: the one given (or the default for the
-/// kernel), then `extra` (flatlet's device entries and host flags).
+/// kernel), with `extra` (flatlet's device entries and host flags) added to
+/// the kernel's part: before a `--`, after which Linux passes everything to
+/// init.
 pub fn build_cmdline(boot: &BootSource, extra: &[String]) -> Result<String, LoaderError> {
     let default = match boot.kernel {
         Kernel::Builtin(_) => BUILTIN_DEFAULT_CMDLINE,
         Kernel::Path(_) => LINUX_DEFAULT_CMDLINE,
     };
-    let mut line = boot.boot_args.clone().unwrap_or_else(|| default.to_string());
+    let given = boot.boot_args.clone().unwrap_or_else(|| default.to_string());
+    let (kernel_part, init_part) = split_init_args(&given);
+    let mut line = kernel_part.trim_end().to_string();
     for e in extra {
         if !line.is_empty() {
             line.push(' ');
         }
         line.push_str(e);
     }
+    if let Some(init) = init_part {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str("--");
+        if !init.is_empty() {
+            line.push(' ');
+            line.push_str(init);
+        }
+    }
     validate_cmdline(&line).map_err(|e| LoaderError::Cmdline(e.to_string()))?;
     Ok(line)
+}
+
+/// Splits a command line at its first `--` word: the kernel's part, and
+/// (if there is a `--`) init's arguments after it.
+fn split_init_args(line: &str) -> (&str, Option<&str>) {
+    let mut at = 0;
+    for word in line.split(' ') {
+        if word == "--" {
+            return (&line[..at], Some(line[at + 2..].trim_start()));
+        }
+        at += word.len() + 1;
+    }
+    (line, None)
 }
 
 /// Writes the command line at its place; returns its size with the NUL.
@@ -349,6 +407,33 @@ mod tests {
     }
 
     #[test]
+    fn linux_is_told_from_other_kernels() {
+        let m = mem(16);
+        let plain = tiny_elf(0x10_0000, &[0x90; 4096], EM_X86_64);
+        let k = load_kernel(&m, &Kernel::Builtin(Box::leak(plain.into_boxed_slice()))).unwrap();
+        assert!(!is_linux(&m, &k));
+        assert!(!is_linux(
+            &m,
+            &load_kernel(&m, &Kernel::Builtin(flatlet_guest_like())).unwrap()
+        ));
+        // The banner anywhere in the image, across the scan's chunks too.
+        for at in [0usize, 100, (1 << 20) - 5, (1 << 20) + 3] {
+            let mut code = vec![0x90u8; (1 << 20) + 4096];
+            code[at..at + 14].copy_from_slice(b"Linux version ");
+            let elf = tiny_elf(0x10_0000, &code, EM_X86_64);
+            let k = load_kernel(&m, &Kernel::Builtin(Box::leak(elf.into_boxed_slice()))).unwrap();
+            assert!(is_linux(&m, &k), "banner at {at}");
+        }
+    }
+
+    /// A kernel with "Linux" in it, but not the banner.
+    fn flatlet_guest_like() -> &'static [u8] {
+        let mut code = vec![0x90u8; 256];
+        code[10..30].copy_from_slice(b"Linux boot protocol ");
+        Box::leak(tiny_elf(0x10_0000, &code, EM_X86_64).into_boxed_slice())
+    }
+
+    #[test]
     fn kernel_beyond_memory_is_too_big() {
         let m = mem(16);
         let elf = tiny_elf(0x200_0000, &[0x90; 16], EM_X86_64);
@@ -383,6 +468,7 @@ mod tests {
         let kernel = LoadedKernel {
             entry: 0x10_0000,
             end: 0x20_0000,
+            start: 0x100000,
             setup_header: None,
         };
         let (addr, size) = load_initrd(&m, f.as_path(), &kernel, 16 << 20).unwrap();
@@ -416,6 +502,36 @@ mod tests {
             build_cmdline(&linux, &["virtio_mmio.device=4K@0xc0001000:5".into()]).unwrap(),
             "root=/dev/vda virtio_mmio.device=4K@0xc0001000:5"
         );
+        // Init's arguments stay last, after flatlet's entries.
+        let extra = [
+            "virtio_mmio.device=4K@0xc0001000:5".to_string(),
+            "noxsave".to_string(),
+        ];
+        for (given, expected) in [
+            (
+                "console=ttyS0 -- sh -c 'echo -- hi'",
+                "console=ttyS0 virtio_mmio.device=4K@0xc0001000:5 noxsave -- sh -c 'echo -- hi'",
+            ),
+            (
+                "console=ttyS0 --",
+                "console=ttyS0 virtio_mmio.device=4K@0xc0001000:5 noxsave --",
+            ),
+            (
+                "-- init-arg",
+                "virtio_mmio.device=4K@0xc0001000:5 noxsave -- init-arg",
+            ),
+            // Not a word of its own: no split.
+            (
+                "a=--b c--",
+                "a=--b c-- virtio_mmio.device=4K@0xc0001000:5 noxsave",
+            ),
+        ] {
+            let boot = BootSource {
+                boot_args: Some(given.into()),
+                ..linux.clone()
+            };
+            assert_eq!(build_cmdline(&boot, &extra).unwrap(), expected, "{given}");
+        }
         let long = BootSource {
             boot_args: Some("x".repeat(2040)),
             ..linux

@@ -19,7 +19,7 @@ use log::{debug, info, warn};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{msr, regs};
-use crate::emulation::{FailedInstruction, Recovery, instruction_bytes};
+use crate::emulation::{FailedInstruction, Recovery, bitness, instruction_bytes};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::ExitCounters;
 use crate::sys::{self, RunningVcpu};
@@ -298,7 +298,7 @@ enum Next {
 }
 
 fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
-    let mut recoveries = 0u64;
+    let mut logged_recoveries = Vec::new();
     loop {
         let next = match vcpu.fd().run() {
             Ok(exit) => dispatch(index, exit, &ctx.io),
@@ -316,7 +316,7 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
             }),
         };
         let next = match next {
-            Next::InternalError => internal_error(index, vcpu, &mut recoveries, &ctx.io.exits),
+            Next::InternalError => internal_error(index, vcpu, &mut logged_recoveries, &ctx.io.exits),
             other => other,
         };
         if let Next::End(exit) = next {
@@ -373,7 +373,14 @@ fn dispatch(index: u8, exit: VcpuExit<'_>, io: &MachineIo) -> Next {
 }
 
 /// An internal error: recover from what can be recovered, else end.
-fn internal_error(index: u8, vcpu: &mut RunningVcpu, recoveries: &mut u64, counters: &ExitCounters) -> Next {
+/// `logged` holds the names of the recoveries already logged at info level
+/// on this vCPU (each kind once; the rest at debug level).
+fn internal_error(
+    index: u8,
+    vcpu: &mut RunningVcpu,
+    logged: &mut Vec<&'static str>,
+    counters: &ExitCounters,
+) -> Next {
     let err = sys::internal_error(vcpu.fd());
     let Some(bytes) = instruction_bytes(&err) else {
         return Next::End(VmExit::InternalError {
@@ -382,19 +389,33 @@ fn internal_error(index: u8, vcpu: &mut RunningVcpu, recoveries: &mut u64, count
         });
     };
     let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0);
-    let instruction = FailedInstruction { rip, bytes };
-    match Recovery::for_instruction(&instruction.bytes) {
-        Some(recovery) => match recovery.apply(vcpu.fd()) {
+    let sregs = match vcpu.fd().get_sregs() {
+        Ok(s) => s,
+        Err(e) => {
+            return Next::End(VmExit::Kvm {
+                cpu: index,
+                error: format!("reading the registers after an emulation failure at RIP {rip:#x}: {e}"),
+            });
+        }
+    };
+    let instruction = FailedInstruction {
+        rip,
+        bytes,
+        bitness: bitness(&sregs),
+    };
+    match Recovery::for_instruction(&instruction.bytes, instruction.bitness) {
+        Some(recovery) => match recovery.apply(vcpu.fd(), &sregs) {
             Ok(()) => {
-                *recoveries += 1;
                 ExitCounters::bump(&counters.recoveries);
-                if *recoveries == 1 {
+                if logged.contains(&recovery.name()) {
+                    debug!("vcpu {index}: recovered {recovery} at RIP {rip:#x}");
+                } else {
+                    logged.push(recovery.name());
                     info!(
                         "vcpu {index}: KVM could not emulate {instruction}; recovered: {recovery} \
-                         (further recoveries are logged at debug level)"
+                         (further {} recoveries are logged at debug level)",
+                        recovery.name()
                     );
-                } else {
-                    debug!("vcpu {index}: recovered {recovery} at RIP {rip:#x}");
                 }
                 Next::Continue
             }

@@ -247,7 +247,15 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         )?),
         None => None,
     };
-    let cmdline = loader::build_cmdline(boot, &virtio.cmdline)?;
+    let mut extra = virtio.cmdline.clone();
+    if let Some(flags) = ctx.host.linux_guest_flags() {
+        if loader::is_linux(&memory, &kernel) {
+            info!("nested host: adding to the Linux command line: {flags}");
+            extra.push(flags);
+        }
+    }
+    let cmdline = loader::build_cmdline(boot, &extra)?;
+    debug!("guest command line: {cmdline}");
     let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
     ZeroPage {
         setup_header: kernel.setup_header,

@@ -13,6 +13,8 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_XSAVE: u32 = 0xd;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_HYPERVISOR: u32 = 0x4000_0000;
+/// KVM's paravirtual features (EAX).
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 /// The VMware-defined timing leaf: TSC and LAPIC bus frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
 const LEAF_EXT_AMD: u32 = 0x8000_0001;
@@ -51,6 +53,11 @@ const ECX7_RDPID: u32 = 1 << 22;
 const EDX7_FSRM: u32 = 1 << 4;
 // Leaf 0x8000_0001 EDX.
 const EDX_EXT_RDTSCP: u32 = 1 << 27;
+// Leaf 0x4000_0001 EAX: the KVM features a guest uses through hypercalls.
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 1 << 16;
 
 /// What shapes one vCPU's CPUID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,9 +107,7 @@ pub fn shape(cpuid: &mut CpuId, p: &CpuidParams) {
         e.eax = (e.eax & 0x3fff) | ((sharing - 1) << 14) | ((cores - 1) << 26);
     }
     for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
-        for e in entries(cpuid, leaf) {
-            shape_topology(e, p.apic_id, threads, count);
-        }
+        set_topology(cpuid, leaf, p.apic_id, threads, count);
     }
     // No performance monitoring: it costs exits and is not virtualised here.
     for e in entries(cpuid, LEAF_PMU) {
@@ -114,26 +119,37 @@ pub fn shape(cpuid: &mut CpuId, p: &CpuidParams) {
     }
 }
 
-fn shape_topology(e: &mut kvm_cpuid_entry2, apic_id: u8, threads: u32, count: u32) {
+/// Replaces the sub-leaves of a topology leaf (0xB or 0x1F) that KVM
+/// reports with the VM's own: SMT level, core level, end of list. KVM's list
+/// cannot be shaped in place: it copies the host's levels, and a nested host
+/// may give only an empty sub-leaf 0 (seen here), which without a core level
+/// puts every vCPU in a package of its own.
+fn set_topology(cpuid: &mut CpuId, leaf: u32, apic_id: u8, threads: u32, count: u32) {
+    if entries(cpuid, leaf).next().is_none() {
+        return;
+    }
+    cpuid.retain(|e| e.function != leaf);
     let smt_shift = if threads > 1 { 1 } else { 0 };
     let package_shift = u32::BITS - (count - 1).leading_zeros();
-    e.edx = u32::from(apic_id);
-    match e.index {
-        0 => {
-            e.eax = smt_shift;
-            e.ebx = threads;
-            e.ecx = (1 << 8) | e.index;
-        }
-        1 => {
-            e.eax = package_shift.max(smt_shift);
-            e.ebx = count;
-            e.ecx = (2 << 8) | e.index;
-        }
-        _ => {
-            e.eax = 0;
-            e.ebx = 0;
-            e.ecx = e.index;
-        }
+    let levels = [
+        (smt_shift, threads, 1),
+        (package_shift.max(smt_shift), count, 2),
+        (0, 0, 0),
+    ];
+    for (index, (shift, logical, kind)) in (0u32..).zip(levels) {
+        let e = kvm_cpuid_entry2 {
+            function: leaf,
+            index,
+            flags: INDEXED_FLAG,
+            eax: shift,
+            ebx: logical,
+            ecx: (kind << 8) | index,
+            edx: u32::from(apic_id),
+            ..Default::default()
+        };
+        // Push fails only at KVM_MAX_CPUID_ENTRIES, far above the three
+        // entries just removed and put back.
+        let _ = cpuid.push(e);
     }
 }
 
@@ -189,6 +205,16 @@ fn mask_for_emulator(cpuid: &mut CpuId) {
     }
     for e in entries(cpuid, LEAF_EXT_AMD) {
         e.edx &= !EDX_EXT_RDTSCP;
+    }
+    // A guest `vmcall` in emulated ring 0 is retried forever there, without
+    // an exit: a Linux guest with two vCPUs hung in its first
+    // paravirtual IPI. Hide the features that make hypercalls; their
+    // native equivalents (IPIs through the LAPIC, halt) work.
+    for e in entries(cpuid, LEAF_KVM_FEATURES) {
+        e.eax &= !(KVM_FEATURE_PV_UNHALT
+            | KVM_FEATURE_PV_SEND_IPI
+            | KVM_FEATURE_PV_SCHED_YIELD
+            | KVM_FEATURE_HC_MAP_GPA_RANGE);
     }
     if xsave_cleared {
         for e in entries(cpuid, LEAF_XSAVE) {
@@ -254,8 +280,11 @@ mod tests {
             entry(LEAF_TOPOLOGY, 0, 9, 9, 9, 9),
             entry(LEAF_TOPOLOGY, 1, 9, 9, 9, 9),
             entry(LEAF_TOPOLOGY, 2, 9, 9, 9, 9),
+            // What the nested host here reports: an empty sub-leaf 0 only.
+            entry(LEAF_TOPOLOGY_V2, 0, 0, 0, 0, 0),
             entry(LEAF_XSAVE, 0, 7, 0x240, 0x240, 0),
             entry(LEAF_HYPERVISOR, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
+            entry(LEAF_KVM_FEATURES, 0, 0x0001_ffff, 0, 0, 0),
             entry(LEAF_EXT_AMD, 0, 0, 0, 0, EDX_EXT_RDTSCP | 1),
         ])
         .unwrap()
@@ -307,6 +336,17 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 6, 2, 5));
         let end = find(&c, LEAF_TOPOLOGY, 2);
         assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
+        for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+            let subleaves: Vec<_> = c.as_slice().iter().filter(|e| e.function == leaf).collect();
+            assert_eq!(subleaves.len(), 3, "leaf {leaf:#x}: SMT, core, end");
+            assert!(subleaves.iter().all(|e| e.flags == INDEXED_FLAG));
+        }
+        let core_v2 = find(&c, LEAF_TOPOLOGY_V2, 1);
+        assert_eq!(
+            (core_v2.eax, core_v2.ebx, core_v2.ecx >> 8),
+            (3, 6, 2),
+            "built, not copied"
+        );
         let l1 = find(&c, LEAF_CACHE, 0);
         assert_eq!((l1.eax >> 26, (l1.eax >> 14) & 0xfff), (5, 0));
         let l3 = find(&c, LEAF_CACHE, 3);
@@ -359,5 +399,20 @@ mod tests {
         assert_eq!((e7.ebx, e7.ecx, e7.edx), (1 << 7, 0, 0), "SMEP stays");
         assert_eq!(find(&c, LEAF_XSAVE, 0).eax, 0);
         assert_eq!(find(&c, LEAF_EXT_AMD, 0).edx, 1);
+        let kvm = find(&c, LEAF_KVM_FEATURES, 0).eax;
+        assert_eq!(
+            kvm & (KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_UNHALT),
+            0,
+            "no hypercalls"
+        );
+        assert_eq!(kvm & 1, 1, "kvm-clock stays");
+
+        let mut native = sample();
+        shape(&mut native, &params(0, 2));
+        assert_eq!(
+            find(&native, LEAF_KVM_FEATURES, 0).eax,
+            0x0001_ffff,
+            "untouched on hardware"
+        );
     }
 }
