@@ -6,88 +6,9 @@
 
 mod common;
 
-use std::net::UdpSocket;
-use std::os::fd::AsFd;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{BOOT_LIMIT, flatlet, kvm_or_skip, run};
-
-/// A network namespace with a TAP device in it, removed on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn ip(args: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    }
-
-    /// Creates the namespace and `tap` (10.0.2.1/24, up) inside it.
-    fn new(tag: &str, tap: &str) -> Result<Self, String> {
-        let name = format!("flatlet-{tag}-{}", std::process::id());
-        Self::ip(&["netns", "add", &name])?;
-        let ns = NetNs { name };
-        let n = ns.name.as_str();
-        Self::ip(&["-n", n, "link", "set", "lo", "up"])?;
-        Self::ip(&["-n", n, "tuntap", "add", "dev", tap, "mode", "tap"])?;
-        Self::ip(&["-n", n, "addr", "add", "10.0.2.1/24", "dev", tap])?;
-        Self::ip(&["-n", n, "link", "set", tap, "up"])?;
-        Ok(ns)
-    }
-
-    /// A UDP socket bound in the namespace (made on a thread that joined it).
-    fn udp_socket(&self, port: u16) -> UdpSocket {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
-            s.set_broadcast(true).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            s
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Self::ip(&["netns", "delete", &self.name]);
-    }
-}
-
-fn can_do_tap_tests(test: &str) -> bool {
-    if !kvm_or_skip(test) {
-        return false;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED {test}: needs root to create a network namespace and a TAP device");
-        return false;
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED {test}: /dev/net/tun is missing (modprobe tun)");
-        return false;
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED {test}: the ip command (iproute2) is missing");
-        return false;
-    }
-    true
-}
+use common::{BOOT_LIMIT, NetNs, can_do_tap_tests, flatlet, run};
 
 #[test]
 fn guest_datagram_reaches_a_socket_in_the_namespace() {

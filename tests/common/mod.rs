@@ -4,6 +4,8 @@
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::io::Read;
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -137,3 +139,81 @@ impl Drop for TempDir {
 /// The default deadline of one test-guest boot (generous: machines are
 /// shared and slow guest code is emulated here).
 pub const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+/// A network namespace with a TAP device in it, removed on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Creates the namespace and `tap` (10.0.2.1/24, up) inside it.
+    pub fn new(tag: &str, tap: &str) -> Result<Self, String> {
+        let name = format!("flatlet-{tag}-{}", std::process::id());
+        Self::ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        let n = ns.name.as_str();
+        Self::ip(&["-n", n, "link", "set", "lo", "up"])?;
+        Self::ip(&["-n", n, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+        Self::ip(&["-n", n, "addr", "add", "10.0.2.1/24", "dev", tap])?;
+        Self::ip(&["-n", n, "link", "set", tap, "up"])?;
+        Ok(ns)
+    }
+
+    /// A UDP socket bound in the namespace (made on a thread that joined it).
+    pub fn udp_socket(&self, port: u16) -> UdpSocket {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            s.set_broadcast(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Self::ip(&["netns", "delete", &self.name]);
+    }
+}
+
+/// Whether TAP tests can run here (KVM, root, /dev/net/tun, iproute2);
+/// prints why a test is skipped when not.
+pub fn can_do_tap_tests(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED {test}: needs root to create a network namespace and a TAP device");
+        return false;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED {test}: /dev/net/tun is missing (modprobe tun)");
+        return false;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIPPED {test}: the ip command (iproute2) is missing");
+        return false;
+    }
+    true
+}
