@@ -7,8 +7,7 @@
 
 use std::collections::VecDeque;
 
-use log::{debug, warn};
-use vmm_sys_util::eventfd::EventFd;
+use log::debug;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
@@ -86,21 +85,23 @@ pub struct I8042 {
     output_port: u8,
     pending: Pending,
     buffer: VecDeque<u8>,
-    reset_evt: EventFd,
+    on_reset: Box<dyn FnMut() + Send>,
     irq: IrqLine,
 }
 
 impl I8042 {
-    /// A controller that signals `reset_evt` when the guest resets the
+    /// A controller that calls `on_reset` when the guest resets the
     /// machine, and raises `irq` when it has a byte for the guest.
-    pub fn new(reset_evt: EventFd, irq: IrqLine) -> Self {
+    /// `on_reset` runs on the vCPU thread, within the guest's write: the
+    /// VMM can stop that vCPU before it runs another instruction.
+    pub fn new(on_reset: Box<dyn FnMut() + Send>, irq: IrqLine) -> Self {
         Self {
             status: SB_SYSTEM | SB_KBD_ENABLED,
             control: CB_KBD_INT | CB_SYSTEM | CB_TRANSLATE,
             output_port: 0x01,
             pending: Pending::None,
             buffer: VecDeque::new(),
-            reset_evt,
+            on_reset,
             irq,
         }
     }
@@ -141,9 +142,7 @@ impl I8042 {
 
     fn reset(&mut self) {
         debug!("i8042: guest requested a reset");
-        if let Err(e) = self.reset_evt.write(1) {
-            warn!("i8042: cannot signal the reset: {e}");
-        }
+        (self.on_reset)();
     }
 
     fn command(&mut self, cmd: u8) {
@@ -232,12 +231,12 @@ mod tests {
     use super::*;
     use crate::ioapic::IoApic;
     use crate::ioapic::tests::RecordingSink;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     struct Rig {
         dev: I8042,
-        reset: EventFd,
+        resets: Arc<AtomicUsize>,
         sink: Arc<RecordingSink>,
     }
 
@@ -250,9 +249,13 @@ mod tests {
             io.write(0, &(0x10u32 + 2).to_le_bytes());
             io.write(0x10, &0x21u32.to_le_bytes());
         }
-        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(reset.try_clone().unwrap(), IrqLine::new(ioapic, KBD_IRQ));
-        Rig { dev, reset, sink }
+        let resets = Arc::new(AtomicUsize::new(0));
+        let counter = resets.clone();
+        let on_reset = Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let dev = I8042::new(on_reset, IrqLine::new(ioapic, KBD_IRQ));
+        Rig { dev, resets, sink }
     }
 
     fn read(dev: &mut I8042, offset: u64) -> u8 {
@@ -264,9 +267,9 @@ mod tests {
     #[test]
     fn reset_command_signals_reset() {
         let mut r = rig();
-        assert!(r.reset.read().is_err());
+        assert_eq!(r.resets.load(Ordering::SeqCst), 0);
         r.dev.write(4, &[0xfe]);
-        assert_eq!(r.reset.read().unwrap(), 1);
+        assert_eq!(r.resets.load(Ordering::SeqCst), 1);
     }
 
     #[test]
@@ -274,11 +277,11 @@ mod tests {
         let mut r = rig();
         r.dev.write(4, &[CMD_WRITE_OUTP]);
         r.dev.write(0, &[0x02]);
-        assert_eq!(r.reset.read().unwrap(), 1);
+        assert_eq!(r.resets.load(Ordering::SeqCst), 1);
         r.dev.write(4, &[0xf0]); // pulse all lines, including reset
-        assert_eq!(r.reset.read().unwrap(), 1);
+        assert_eq!(r.resets.load(Ordering::SeqCst), 2);
         r.dev.write(4, &[0xf1]); // bit 0 not pulsed: no reset
-        assert!(r.reset.read().is_err());
+        assert_eq!(r.resets.load(Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -334,6 +337,10 @@ mod tests {
         assert_eq!(two, [0, 0]);
         assert_eq!(read(&mut r.dev, 1), 0);
         r.dev.write(4, &[0xfe, 0xfe]);
-        assert!(r.reset.read().is_err());
+        assert_eq!(
+            r.resets.load(Ordering::SeqCst),
+            0,
+            "a two-byte write is not a reset command"
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flatlet_devices::bus::lock;
 use vmm_sys_util::eventfd::EventFd;
@@ -101,6 +102,8 @@ impl fmt::Display for VmExit {
 /// and the eventfd wakes the VMM thread.
 pub struct ExitSignal {
     reason: Mutex<Option<VmExit>>,
+    /// Set with `reason`: a lock-free check for vCPU threads.
+    reported: AtomicBool,
     /// Readable when a reason has been reported.
     pub evt: EventFd,
 }
@@ -110,6 +113,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            reported: AtomicBool::new(false),
             evt: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
         })
     }
@@ -119,10 +123,16 @@ impl ExitSignal {
         let mut reason = lock(&self.reason);
         if reason.is_none() {
             *reason = Some(exit);
+            self.reported.store(true, Ordering::Release);
             if let Err(e) = self.evt.write(1) {
                 log::error!("cannot signal the end of the VM: {e}");
             }
         }
+    }
+
+    /// Whether an end has been reported.
+    pub fn is_reported(&self) -> bool {
+        self.reported.load(Ordering::Acquire)
     }
 
     /// The reported end, if any.
@@ -155,7 +165,9 @@ mod tests {
     fn first_report_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.get(), None);
+        assert!(!s.is_reported());
         s.report(VmExit::Reset);
+        assert!(s.is_reported());
         s.report(VmExit::TripleFault { cpu: 0 });
         assert_eq!(s.get(), Some(VmExit::Reset));
         assert_eq!(s.evt.read().unwrap(), 1);

@@ -175,15 +175,11 @@ impl Runtime {
 
     fn watch_vm(&mut self) {
         let Some(vm) = self.controller.vm() else { return };
-        let (Ok(exit_evt), Ok(reset_evt)) = (vm.exit.evt.try_clone(), vm.reset_evt.try_clone()) else {
+        let Ok(exit_evt) = vm.exit.evt.try_clone() else {
             warn!("cannot watch the VM's events");
             return;
         };
-        let watch = VmWatch {
-            exit: vm.exit.clone(),
-            exit_evt,
-            reset_evt,
-        };
+        let watch = VmWatch { exit_evt };
         self.vm_subscribers.push(self.em.add_subscriber(Box::new(watch)));
         for slot in &vm.virtio {
             self.vm_subscribers
@@ -288,29 +284,20 @@ impl MutEventSubscriber for StopWatch {
     }
 }
 
-/// Wakes the loop when the VM ends, and turns the i8042 reset into the
-/// end of the VM.
+/// Wakes the loop when the end of the VM is reported (by a vCPU thread,
+/// the i8042's reset included).
 struct VmWatch {
-    exit: Arc<ExitSignal>,
     exit_evt: EventFd,
-    reset_evt: EventFd,
 }
 
 impl MutEventSubscriber for VmWatch {
-    fn process(&mut self, events: Events, _: &mut EventOps) {
-        if events.fd() == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            self.exit.report(VmExit::Reset);
-        } else {
-            let _ = self.exit_evt.read();
-        }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.exit_evt.read();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.exit_evt, &self.reset_evt] {
-            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                warn!("cannot watch the VM: {e}");
-            }
+        if let Err(e) = ops.add(Events::new(&self.exit_evt, EventSet::IN)) {
+            warn!("cannot watch the VM: {e}");
         }
     }
 }

@@ -317,6 +317,9 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
         };
         let next = match next {
             Next::InternalError => internal_error(index, vcpu, &mut logged_recoveries, &ctx.io.exits),
+            // The exit ended the VM (the guest reset it through the
+            // i8042): this vCPU runs no further guest instruction.
+            Next::Continue if ctx.exit.is_reported() => Next::End(VmExit::Reset),
             other => other,
         };
         if let Next::End(exit) = next {

@@ -140,8 +140,6 @@ pub struct Vm {
     vcpu_events: Receiver<VcpuEvent>,
     /// Where the end of the VM is reported.
     pub exit: Arc<ExitSignal>,
-    /// Written by the i8042 when the guest resets the machine.
-    pub reset_evt: EventFd,
     /// The console UART.
     pub serial: Arc<Mutex<Serial>>,
     /// Readable when the UART can take more input.
@@ -208,15 +206,17 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     steps.mark("guest memory");
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
     let serial_input_ready = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
     let serial = Arc::new(Mutex::new(Serial::new(
         IrqLine::new(chip.controller.clone(), COM1_IRQ),
         ctx.serial_out,
         Some(serial_input_ready.try_clone().map_err(io_err("serial eventfd"))?),
     )));
+    // The reset is reported from the vCPU thread that writes it, so that
+    // it wins over whatever that vCPU would run into next.
+    let reset_exit = exit.clone();
     let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset_evt.try_clone().map_err(io_err("reset eventfd"))?,
+        Box::new(move || reset_exit.report(VmExit::Reset)),
         IrqLine::new(chip.controller.clone(), KBD_IRQ),
     )));
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
@@ -298,7 +298,6 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         vcpus,
         vcpu_events,
         exit,
-        reset_evt,
         serial,
         serial_input_ready,
         i8042,
