@@ -183,7 +183,7 @@ fn workloads(dir: &TempDir) -> Vec<String> {
             "--drive",
             &drive,
             "--cmdline",
-            "console=ttyS0 flatlet.int3",
+            "console=ttyS0 flatlet.int3 flatlet.fwait",
         ]
         .into_iter()
         .map(String::from)

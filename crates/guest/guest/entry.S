@@ -141,6 +141,55 @@ isr_common:
     add $16, %rsp
     iretq
 
+/*
+ * u32 syscall_probe(void): the flatlet.syscall probe. Drops to ring 3
+ * (IOPL 3, so that either ring can use the serial port) and executes
+ * `syscall`; the entry (LSTAR, set by the caller) reports the CPL it was
+ * entered at through syscall_probe_report, which resets the machine unless
+ * it was ring 0. Back in ring 0, the kernel stack is restored and the
+ * entry's %cs is returned.
+ */
+    .text
+    .globl syscall_probe
+syscall_probe:
+    push %rbx
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, probe_kernel_rsp(%rip)
+    pushq $0x2b                 /* SS: user data, RPL 3 */
+    lea probe_user_stack_top(%rip), %rax
+    push %rax
+    pushq $0x3002               /* RFLAGS: IOPL 3, interrupts off */
+    pushq $0x33                 /* CS: user code, RPL 3 */
+    lea probe_user(%rip), %rax
+    push %rax
+    iretq
+probe_user:
+    syscall
+    ud2
+    .globl syscall_probe_entry
+syscall_probe_entry:
+    mov %cs, %edi
+    lea probe_user_stack_top(%rip), %rsp
+    call syscall_probe_report
+    mov probe_kernel_rsp(%rip), %rsp
+    mov %cs, %eax
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    pop %rbx
+    ret
+
+    .section .data
+    .align 8
+probe_kernel_rsp:
+    .quad 0
+
     .section .data
     .align 16
     .globl gdt
@@ -150,6 +199,8 @@ gdt:
     .quad 0x00af9b000000ffff    /* 0x10: 64-bit code, __BOOT_CS */
     .quad 0x00cf93000000ffff    /* 0x18: flat data, __BOOT_DS */
     .quad 0x00cf9b000000ffff    /* 0x20: 32-bit code for the AP trampoline */
+    .quad 0x00cff3000000ffff    /* 0x28: user data (SYSRET's SS with STAR base 0x20) */
+    .quad 0x00affb000000ffff    /* 0x30: user 64-bit code (SYSRET's CS) */
 gdt_end:
     .align 16
 gdt_ptr:
@@ -167,12 +218,14 @@ gdt_ptr:
 pml4:
     .quad pdpt + 0x3
     .fill 511, 8, 0
+    .globl pdpt
 pdpt:
     .quad pd_low + 0x3
     .quad 0
     .quad 0
     .quad pd_high + 0x3
     .fill 508, 8, 0
+    .globl pd_low
 pd_low:
     .set addr, 0
     .rept 512
@@ -200,5 +253,8 @@ bsp_stack_top:
     .globl ap_stacks
 ap_stacks:
     .skip STACK_SIZE * (MAX_CPUS + 1)
+probe_user_stack:
+    .skip 4096
+probe_user_stack_top:
 
     .section .note.GNU-stack, "", @progbits

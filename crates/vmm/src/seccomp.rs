@@ -220,6 +220,47 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_policy_allows_what_vcpu_threads_do() {
+        // vCPU threads inherit the VMM thread's filter: a call their own
+        // filter allows but the VMM's does not still kills the process (as
+        // KVM_GET_FPU did, in the fwait recovery, before this test).
+        let policy: serde_json::Value = serde_json::from_str(POLICY_JSON).unwrap();
+        // A rule without its comments (on the rule and on its arguments).
+        fn bare(rule: &serde_json::Value) -> serde_json::Value {
+            let mut rule = rule.clone();
+            if let Some(r) = rule.as_object_mut() {
+                r.remove("comment");
+                for arg in r
+                    .get_mut("args")
+                    .and_then(|a| a.as_array_mut())
+                    .into_iter()
+                    .flatten()
+                {
+                    arg.as_object_mut().map(|a| a.remove("comment"));
+                }
+            }
+            rule
+        }
+        let rules = |thread: &str| -> Vec<serde_json::Value> {
+            policy[thread]["filter"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(bare)
+                .collect()
+        };
+        let vmm = rules("vmm");
+        let vcpu = rules("vcpu");
+        assert!(vcpu.len() > 10);
+        for rule in &vcpu {
+            assert!(
+                vmm.contains(rule),
+                "the vCPU rule {rule} is missing from the VMM policy"
+            );
+        }
+    }
+
+    #[test]
     fn allowed_calls_go_through() {
         // A vCPU thread writes eventfds and reads the process CPU time.
         let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
