@@ -240,6 +240,12 @@ pub fn contenders(setup: &Setup) -> Vec<Contender> {
                 format!("{},root,ro", rootfs.display()),
                 "--mem-mib".into(),
                 "256".into(),
+                // The init of tools/build-linux-guest runs what follows
+                // `--` and resets; without a command it would start a shell
+                // on the console and never exit. Other inits get `true` as
+                // an argument, which they ignore.
+                "--cmdline".into(),
+                "console=ttyS0 reboot=k panic=1 -- true".into(),
             ],
             ready: "line:Guest-boot-time".into(),
             cleanup: None,

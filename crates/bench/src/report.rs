@@ -152,11 +152,7 @@ pub fn table(rows: &[Row], contenders: &[Contender]) -> String {
         "contender", "n", "ready ms", "(p95)", "exit ms", "(p95)", "CPU ms", "RSS MiB"
     );
     for r in rows {
-        let lps: Vec<String> = r
-            .launches_per_sec
-            .iter()
-            .map(|(_, v)| format!("{v:.0}"))
-            .collect();
+        let lps: Vec<String> = r.launches_per_sec.iter().map(|(_, v)| rate(*v)).collect();
         let _ = writeln!(
             out,
             "{:<16} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  {}",
@@ -351,6 +347,18 @@ pub fn svg(path: &Path, rows: &[Row], samples: &[Sample], machine: &Machine) -> 
     root.present().map_err(|e| err(&e))
 }
 
+/// A launch rate for the table: whole numbers where they are large, but a
+/// slow contender (a Linux boot on a nested host) does not show as 0.
+fn rate(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +389,13 @@ mod tests {
             cleanup: None,
             missing: missing.map(String::from),
         }
+    }
+
+    #[test]
+    fn rates_keep_slow_contenders_visible() {
+        assert_eq!(rate(1654.4), "1654");
+        assert_eq!(rate(2.345), "2.3");
+        assert_eq!(rate(1.0 / 63.0), "0.016");
     }
 
     #[test]
