@@ -23,7 +23,7 @@
 use std::fmt;
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, Mnemonic};
-use kvm_bindings::kvm_sregs;
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use crate::sys::InternalError;
@@ -159,8 +159,7 @@ fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), kvm_ioctls::Error> {
     vcpu.set_vcpu_events(&events)
 }
 
-fn skip(vcpu: &VcpuFd, len: u8) -> Result<(), kvm_ioctls::Error> {
-    let mut regs = vcpu.get_regs()?;
+fn skip(vcpu: &VcpuFd, mut regs: kvm_regs, len: u8) -> Result<(), kvm_ioctls::Error> {
     regs.rip = regs.rip.wrapping_add(u64::from(len));
     vcpu.set_regs(&regs)
 }
@@ -177,15 +176,16 @@ impl Recovery {
         }
     }
 
-    /// Does what the instruction would have done; `sregs` are the vCPU's.
-    pub fn apply(self, vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<(), RecoveryError> {
+    /// Does what the instruction would have done; `regs` and `sregs` are
+    /// the vCPU's, as read after the failure.
+    pub fn apply(self, vcpu: &VcpuFd, regs: kvm_regs, sregs: &kvm_sregs) -> Result<(), RecoveryError> {
         match self {
             Recovery::Int3 { len } => {
-                skip(vcpu, len)?;
+                skip(vcpu, regs, len)?;
                 inject(vcpu, BP_VECTOR)?;
             }
             Recovery::Fwait { len } => match fwait_outcome(sregs.cr0, vcpu.get_fpu()?.fsw) {
-                FwaitOutcome::Continue => skip(vcpu, len)?,
+                FwaitOutcome::Continue => skip(vcpu, regs, len)?,
                 FwaitOutcome::Fault(vector) => inject(vcpu, vector)?,
                 FwaitOutcome::Ferr => {
                     return Err(RecoveryError::Unsupported(

@@ -19,7 +19,7 @@ use log::{debug, info, warn};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{msr, regs};
-use crate::emulation::{FailedInstruction, Recovery, bitness, instruction_bytes};
+use crate::emulation::{FailedInstruction, Recovery, RecoveryError, bitness, instruction_bytes};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::ExitCounters;
 use crate::sys::{self, RunningVcpu};
@@ -317,14 +317,15 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
         };
         let next = match next {
             Next::InternalError => internal_error(index, vcpu, &mut logged_recoveries, &ctx.io.exits),
-            // The exit ended the VM (the guest reset it through the
-            // i8042): this vCPU runs no further guest instruction.
-            Next::Continue if ctx.exit.is_reported() => Next::End(VmExit::Reset),
             other => other,
         };
         if let Next::End(exit) = next {
             ctx.exit.report(exit);
-            // The VMM thread ends the VM: wait for its Stop.
+        }
+        // Whatever ended the VM (this exit, or the guest's reset through
+        // the i8042 it just handled), this vCPU runs no further guest
+        // instruction: the VMM thread ends the VM; wait for its Stop.
+        if ctx.exit.is_reported() {
             while let Ok(cmd) = ctx.commands.recv() {
                 if cmd == VcpuCommand::Stop {
                     break;
@@ -391,7 +392,9 @@ fn internal_error(
             suberror: err.suberror,
         });
     };
-    let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0);
+    // Read once: the error names the RIP, and a recovery moves it.
+    let regs = vcpu.fd().get_regs();
+    let rip = regs.as_ref().map_or(0, |r| r.rip);
     let sregs = match vcpu.fd().get_sregs() {
         Ok(s) => s,
         Err(e) => {
@@ -407,7 +410,10 @@ fn internal_error(
         bitness: bitness(&sregs),
     };
     match Recovery::for_instruction(&instruction.bytes, instruction.bitness) {
-        Some(recovery) => match recovery.apply(vcpu.fd(), &sregs) {
+        Some(recovery) => match regs
+            .map_err(RecoveryError::from)
+            .and_then(|regs| recovery.apply(vcpu.fd(), regs, &sregs))
+        {
             Ok(()) => {
                 ExitCounters::bump(&counters.recoveries);
                 if logged.contains(&recovery.name()) {
