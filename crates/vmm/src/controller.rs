@@ -307,8 +307,8 @@ impl Controller {
             }
             (State::Running(vm) | State::Paused(vm), Request::PatchDrive(u)) => {
                 u.validate()?;
-                let slot = vm.virtio.iter().find(|s| s.id == u.drive_id && s.block.is_some());
-                let Some(block) = slot.and_then(|s| s.block.as_ref()) else {
+                let mut drives = vm.virtio.iter().filter(|s| s.id == u.drive_id);
+                let Some(block) = drives.find_map(|s| s.block.as_ref()) else {
                     return Err(
                         ConfigError::InvalidDevice(format!("no drive has the id {:?}", u.drive_id)).into(),
                     );

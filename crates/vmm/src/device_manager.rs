@@ -10,7 +10,8 @@
 //! interrupts go through KVM_SIGNAL_MSI, so nothing waits for those KVM
 //! calls (which cost milliseconds each on some nested hosts).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -91,17 +92,22 @@ pub struct VirtioDevices {
     pub cmdline: Vec<String>,
 }
 
-fn open_drive(d: &DriveConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
-    let path = d.path();
-    let file = OpenOptions::new()
+/// Opens a drive's image, writable unless the drive is read-only.
+fn open_image(id: &str, path: &Path, read_only: bool) -> Result<File, DeviceError> {
+    OpenOptions::new()
         .read(true)
-        .write(!d.is_read_only)
+        .write(!read_only)
         .open(path)
         .map_err(|source| DeviceError::DriveOpen {
-            id: d.drive_id.clone(),
+            id: id.to_string(),
             path: path.display().to_string(),
             source,
-        })?;
+        })
+}
+
+fn open_drive(d: &DriveConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
+    let path = d.path();
+    let file = open_image(&d.drive_id, path, d.is_read_only)?;
     let cache = match d.cache_type {
         CacheType::Unsafe => block::CacheType::Unsafe,
         CacheType::Writeback => block::CacheType::Writeback,
@@ -247,15 +253,7 @@ pub fn register_fast_paths(
 /// drive is.
 pub fn reopen_drive(block: &Mutex<Block>, id: &str, path: &str) -> Result<(), DeviceError> {
     let read_only = lock(block).read_only();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|source| DeviceError::DriveOpen {
-            id: id.to_string(),
-            path: path.to_string(),
-            source,
-        })?;
+    let file = open_image(id, Path::new(path), read_only)?;
     lock(block)
         .replace_image(file)
         .map_err(|source| DeviceError::Block {
