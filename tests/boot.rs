@@ -7,16 +7,7 @@
 mod common;
 
 use common::{BOOT_LIMIT, TempDir, flatlet, host_is_pvm, kvm_or_skip, run};
-
-fn boot_time_us(stderr: &str) -> Option<u64> {
-    let line = stderr.lines().find(|l| l.contains("Guest-boot-time = "))?;
-    line.split("Guest-boot-time = ")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
+use flatlet_devices::boot_timer::parse_boot_time_us;
 
 #[test]
 fn boots_with_1_2_and_4_vcpus() {
@@ -45,7 +36,7 @@ fn boots_with_1_2_and_4_vcpus() {
             lines.last().map(String::as_str) == Some("flatlet-guest: resetting"),
             "reset last",
         );
-        let t = boot_time_us(&out.stderr);
+        let t = parse_boot_time_us(&out.stderr);
         out.check(t.is_some_and(|us| us > 0), "a Guest-boot-time line with a time");
     }
 }

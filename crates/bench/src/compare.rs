@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::probe::Measurement;
+use crate::probe::{self, Measurement};
 
 /// Unique numbers for container and jail ids.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -294,21 +294,9 @@ pub struct Plan {
 }
 
 fn probe(c: &Contender, n: u64, timeout: Duration) -> Result<Measurement, String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = Command::new(me)
-        .args([
-            "probe",
-            "--ready",
-            &c.ready,
-            "--timeout-ms",
-            &timeout.as_millis().to_string(),
-            "--",
-        ])
-        .args(c.argv_for(n))
-        .output()
-        .map_err(|e| format!("cannot run the probe: {e}"))?;
+    let m = probe::in_fresh_process(&c.argv_for(n), &c.ready, timeout);
     c.clean(n);
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("probe output: {e}"))
+    m
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {

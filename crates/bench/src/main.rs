@@ -9,7 +9,7 @@ mod report;
 mod stats;
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -128,7 +128,7 @@ enum Cmd {
         #[arg(long, default_value = "exit")]
         ready: String,
         /// Give up after this many milliseconds.
-        #[arg(long, default_value_t = 60_000)]
+        #[arg(long, default_value_t = probe::DEFAULT_LIMIT_MS)]
         timeout_ms: u64,
         /// The command.
         #[arg(last = true, required = true)]
@@ -249,23 +249,6 @@ fn sibling(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Runs one launch of `c` in a fresh probe process.
-fn measure_in_probe(c: &Contender) -> Result<Measurement, String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = Command::new(me)
-        .args(["probe", "--ready", &c.ready, "--"])
-        .args(&c.argv)
-        .output()
-        .map_err(|e| format!("cannot run the probe: {e}"))?;
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "probe output: {e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 /// Runs `runs` measured launches of each contender, interleaved (A B C A B
 /// C ...) so that a drifting machine favours none, after `warmup` rounds.
 fn run_interleaved(
@@ -276,7 +259,8 @@ fn run_interleaved(
     let mut samples = vec![Vec::with_capacity(runs); contenders.len()];
     for round in 0..warmup + runs {
         for (i, c) in contenders.iter().enumerate() {
-            let m = measure_in_probe(c)?;
+            let m =
+                probe::in_fresh_process(&c.argv, &c.ready, Duration::from_millis(probe::DEFAULT_LIMIT_MS))?;
             if let Some(e) = &m.error {
                 return Err(format!("{} failed: {e}", c.name));
             }

@@ -99,18 +99,41 @@ fn watch<R: Read + Send + 'static>(
     })
 }
 
+/// How long the probe gives a launch unless told otherwise, in ms.
+pub const DEFAULT_LIMIT_MS: u64 = 60_000;
+
+/// Runs one launch of `argv` in a fresh probe process (this binary's
+/// `probe` command) and returns what it measured.
+pub fn in_fresh_process(argv: &[String], ready: &str, limit: Duration) -> Result<Measurement, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+    let out = Command::new(me)
+        .args([
+            "probe",
+            "--ready",
+            ready,
+            "--timeout-ms",
+            &limit.as_millis().to_string(),
+            "--",
+        ])
+        .args(argv)
+        .output()
+        .map_err(|e| format!("cannot run the probe: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "probe output: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
 /// Parses `Guest-boot-time = <N> us` from a log line.
 pub fn parse_guest_boot_us(line: &str) -> Option<f64> {
-    line.split("Guest-boot-time = ")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    flatlet_devices::boot_timer::parse_boot_time_us(line).map(|us| us as f64)
 }
 
 /// Parses `guest memory touched: <N> KiB` from a log line.

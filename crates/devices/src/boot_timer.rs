@@ -19,6 +19,30 @@ pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 /// The byte a guest writes at offset 0 when it has booted.
 pub const MAGIC_BOOT_COMPLETE: u8 = 123;
 
+/// What starts the boot-time log line.
+const LINE_START: &str = "Guest-boot-time = ";
+
+/// The boot-time log line for `wall` and `cpu` time since the start.
+fn boot_time_line(wall: Duration, cpu: Duration) -> String {
+    let (us, cpu_us) = (wall.as_micros(), cpu.as_micros());
+    format!(
+        "{LINE_START}{us:>6} us {} ms, {cpu_us:>6} CPU us {} CPU ms",
+        us / 1000,
+        cpu_us / 1000
+    )
+}
+
+/// The wall time (µs) of the boot-time line in `text` (a log line, or a
+/// whole log), if it holds one.
+pub fn parse_boot_time_us(text: &str) -> Option<u64> {
+    text.split(LINE_START)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The process's CPU time so far (every thread).
 pub fn process_cpu_time() -> Duration {
     clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
@@ -76,12 +100,7 @@ impl BusDevice for BootTimer {
         let wall = self.start.wall.elapsed();
         let cpu = process_cpu_time().saturating_sub(self.start.cpu);
         self.last = Some(wall);
-        let (us, cpu_us) = (wall.as_micros(), cpu.as_micros());
-        info!(
-            "Guest-boot-time = {us:>6} us {} ms, {cpu_us:>6} CPU us {} CPU ms",
-            us / 1000,
-            cpu_us / 1000
-        );
+        info!("{}", boot_time_line(wall, cpu));
     }
 }
 
@@ -100,5 +119,14 @@ mod tests {
         t.write(0, &[MAGIC_BOOT_COMPLETE]);
         let d = t.boot_time().expect("boot signal recorded");
         assert!(d >= Duration::from_millis(2), "{d:?}");
+    }
+
+    #[test]
+    fn the_line_is_firecrackers_and_parses_back() {
+        let line = boot_time_line(Duration::from_micros(5982), Duration::from_micros(6025));
+        assert_eq!(line, "Guest-boot-time =   5982 us 5 ms,   6025 CPU us 6 CPU ms");
+        let logged = format!("[    0.006280 INFO ] {line}");
+        assert_eq!(parse_boot_time_us(&logged), Some(5982));
+        assert_eq!(parse_boot_time_us("nothing"), None);
     }
 }
