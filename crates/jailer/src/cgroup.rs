@@ -84,6 +84,14 @@ fn v2_root(base: &Path) -> PathBuf {
     }
 }
 
+/// The controllers the settings name, each once, sorted.
+fn controllers(settings: &[Setting]) -> Vec<&str> {
+    let mut controllers: Vec<&str> = settings.iter().map(Setting::controller).collect();
+    controllers.sort_unstable();
+    controllers.dedup();
+    controllers
+}
+
 /// The cgroup directories of a jail, one per hierarchy its settings use.
 pub fn dirs(
     base: &Path,
@@ -93,15 +101,10 @@ pub fn dirs(
     settings: &[Setting],
 ) -> Result<Vec<PathBuf>, CgroupError> {
     match version {
-        1 => {
-            let mut controllers: Vec<&str> = settings.iter().map(Setting::controller).collect();
-            controllers.sort_unstable();
-            controllers.dedup();
-            Ok(controllers
-                .iter()
-                .map(|c| base.join(c).join(parent).join(id))
-                .collect())
-        }
+        1 => Ok(controllers(settings)
+            .iter()
+            .map(|c| base.join(c).join(parent).join(id))
+            .collect()),
         2 if settings.is_empty() => Ok(Vec::new()),
         2 => Ok(vec![v2_root(base).join(parent).join(id)]),
         v => Err(CgroupError::Version(v)),
@@ -189,9 +192,7 @@ fn setup_v2(base: &Path, parent: &str, id: &str, settings: &[Setting], pid: u32)
     };
     let root = v2_root(base);
     let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    let mut controllers: Vec<&str> = settings.iter().map(Setting::controller).collect();
-    controllers.sort_unstable();
-    controllers.dedup();
+    let controllers = controllers(settings);
     for c in &controllers {
         if !available.split_whitespace().any(|a| a == *c) {
             return Err(CgroupError::NoController {
