@@ -2,7 +2,9 @@
 //! the guest writes the byte 123 when it has booted. flatlet then logs
 //! `Guest-boot-time = <N> us <M> ms, <C> CPU us <D> CPU ms`: the wall and
 //! process CPU time since the VMM began building the VM, in the format
-//! tools written for Firecracker parse.
+//! tools written for Firecracker parse. Only the first signal is logged at
+//! the info level: a guest writing the byte again and again gets
+//! rate-limited debug lines.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,7 @@ use log::info;
 use nix::time::{ClockId, clock_gettime};
 
 use crate::bus::BusDevice;
+use crate::ratelimit::LogLimiter;
 
 /// Guest-physical address of the boot-timer page (Firecracker's
 /// `BOOT_DEVICE_MEM_START`, the start of the 32-bit MMIO window).
@@ -74,12 +77,25 @@ pub struct BootTimer {
     start: StartTime,
     /// Boot time of the last signal, for tests and metrics.
     last: Option<Duration>,
+    /// Boot signals received.
+    signals: u64,
+    log: LogLimiter,
 }
 
 impl BootTimer {
     /// A timer measuring from `start`.
     pub fn new(start: StartTime) -> Self {
-        Self { start, last: None }
+        Self {
+            start,
+            last: None,
+            signals: 0,
+            log: LogLimiter::new("boot timer".into()),
+        }
+    }
+
+    /// How many times the guest signalled.
+    pub fn signals(&self) -> u64 {
+        self.signals
     }
 
     /// The wall time from the start to the guest's last boot signal.
@@ -100,7 +116,16 @@ impl BusDevice for BootTimer {
         let wall = self.start.wall.elapsed();
         let cpu = process_cpu_time().saturating_sub(self.start.cpu);
         self.last = Some(wall);
-        info!("{}", boot_time_line(wall, cpu));
+        self.signals += 1;
+        if self.signals == 1 {
+            info!("{}", boot_time_line(wall, cpu));
+        } else {
+            self.log.debug(format_args!(
+                "signal {}: {}",
+                self.signals,
+                boot_time_line(wall, cpu)
+            ));
+        }
     }
 }
 
@@ -119,6 +144,24 @@ mod tests {
         t.write(0, &[MAGIC_BOOT_COMPLETE]);
         let d = t.boot_time().expect("boot signal recorded");
         assert!(d >= Duration::from_millis(2), "{d:?}");
+    }
+
+    #[test]
+    fn only_the_first_signal_is_logged_at_info_then_rate_limited() {
+        crate::ratelimit::tests::capture_logs();
+        let mut t = BootTimer::new(StartTime::now());
+        for _ in 0..1000 {
+            t.write(0, &[MAGIC_BOOT_COMPLETE]);
+        }
+        assert_eq!(t.signals(), 1000, "every signal is counted");
+        let lines = crate::ratelimit::tests::logged(LINE_START);
+        let info = lines.iter().filter(|l| !l.contains("boot timer:")).count();
+        assert_eq!(info, 1, "{lines:?}");
+        assert!(
+            lines.len() <= 1 + crate::ratelimit::BURST as usize,
+            "{} lines",
+            lines.len()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use log::debug;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
+use crate::ratelimit::LogLimiter;
 
 /// First port of the controller.
 pub const I8042_PORT: u64 = 0x60;
@@ -87,6 +88,7 @@ pub struct I8042 {
     buffer: VecDeque<u8>,
     on_reset: Box<dyn FnMut() + Send>,
     irq: IrqLine,
+    log: LogLimiter,
 }
 
 impl I8042 {
@@ -103,6 +105,7 @@ impl I8042 {
             buffer: VecDeque::new(),
             on_reset,
             irq,
+            log: LogLimiter::new("i8042".into()),
         }
     }
 
@@ -119,7 +122,7 @@ impl I8042 {
 
     fn push(&mut self, byte: u8) {
         if self.buffer.len() >= BUFFER_LIMIT {
-            debug!("i8042: buffer full, dropping {byte:#x}");
+            self.log.debug(format_args!("buffer full, dropping {byte:#x}"));
             return;
         }
         self.buffer.push_back(byte);
@@ -162,7 +165,7 @@ impl I8042 {
             CMD_RESET_CPU => self.reset(),
             // 0xf0-0xff pulse output-port lines low; bit 0 is the reset line.
             c if c & 0xf0 == 0xf0 && c & 0x01 == 0 => self.reset(),
-            c => debug!("i8042: ignored command {c:#x}"),
+            c => self.log.debug(format_args!("ignored command {c:#x}")),
         }
     }
 

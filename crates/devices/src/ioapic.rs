@@ -9,10 +9,9 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
-
 use crate::bus::{BusDevice, lock};
 use crate::irq::InterruptController;
+use crate::ratelimit::LogLimiter;
 
 /// Number of pins (GSIs 0 to 23).
 pub const NUM_PINS: usize = 24;
@@ -66,6 +65,7 @@ pub struct IoApic {
     /// The current level of each input line (for level-triggered sources).
     line: [bool; NUM_PINS],
     sink: Arc<dyn MsiSink>,
+    log: LogLimiter,
 }
 
 impl IoApic {
@@ -77,6 +77,7 @@ impl IoApic {
             redirection: [MASKED; NUM_PINS],
             line: [false; NUM_PINS],
             sink,
+            log: LogLimiter::new("ioapic".into()),
         }
     }
 
@@ -105,7 +106,7 @@ impl IoApic {
             self.redirection[pin] |= REMOTE_IRR;
         }
         if let Err(e) = self.sink.send(pin, Self::msi(entry)) {
-            warn!("ioapic: delivering pin {pin} failed: {e}");
+            self.log.warn(format_args!("delivering pin {pin} failed: {e}"));
         }
     }
 
@@ -150,7 +151,7 @@ impl IoApic {
         self.redirection.get(pin).copied()
     }
 
-    fn read_register(&self) -> u32 {
+    fn read_register(&mut self) -> u32 {
         match self.select {
             REG_ID => self.id,
             REG_VERSION => ((NUM_PINS as u32 - 1) << 16) | VERSION,
@@ -164,7 +165,7 @@ impl IoApic {
                 }
             }
             r => {
-                debug!("ioapic: read of unknown register {r:#x}");
+                self.log.debug(format_args!("read of unknown register {r:#x}"));
                 0
             }
         }
@@ -198,7 +199,9 @@ impl IoApic {
                     self.deliver(pin);
                 }
             }
-            r => debug!("ioapic: write of read-only or unknown register {r:#x}"),
+            r => self
+                .log
+                .debug(format_args!("write of read-only or unknown register {r:#x}")),
         }
     }
 }
@@ -209,7 +212,10 @@ impl BusDevice for IoApic {
             (IOREGSEL, 4) => self.select,
             (IOWIN, 4) => self.read_register(),
             _ => {
-                debug!("ioapic: ignored {}-byte read at offset {offset:#x}", data.len());
+                self.log.debug(format_args!(
+                    "ignored {}-byte read at offset {offset:#x}",
+                    data.len()
+                ));
                 0
             }
         };
@@ -221,14 +227,19 @@ impl BusDevice for IoApic {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            debug!("ioapic: ignored {}-byte write at offset {offset:#x}", data.len());
+            self.log.debug(format_args!(
+                "ignored {}-byte write at offset {offset:#x}",
+                data.len()
+            ));
             return;
         };
         let value = u32::from_le_bytes(bytes);
         match offset {
             IOREGSEL => self.select = value & 0xff,
             IOWIN => self.write_register(value),
-            _ => debug!("ioapic: ignored write at offset {offset:#x}"),
+            _ => self
+                .log
+                .debug(format_args!("ignored write at offset {offset:#x}")),
         }
     }
 }

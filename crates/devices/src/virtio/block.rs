@@ -3,7 +3,17 @@
 //! Requests: read (`IN`), write (`OUT`), flush (`FLUSH`, with the
 //! write-back cache) and get-id (`GET_ID`). A read-only drive offers
 //! `VIRTIO_BLK_F_RO` and refuses writes with an I/O-error status. The
-//! capacity is the file's size in 512-byte sectors.
+//! capacity is the image's size in 512-byte sectors (a regular file's
+//! length, or a block device's size: both are where a seek to the end
+//! lands).
+//!
+//! One request moves at most [`MAX_REQUEST_BYTES`] (1 MiB), so that no
+//! request holds the VMM thread for long: the device offers
+//! `VIRTIO_BLK_F_SEG_MAX` and `VIRTIO_BLK_F_SIZE_MAX` with
+//! [`SEG_MAX`] x [`SIZE_MAX`] = 1 MiB, which keeps a driver that accepts
+//! them (Linux does) under the cap, and answers a bigger request with
+//! `IOERR`. Indirect descriptors are not offered, and a chain that uses
+//! one is returned unused (see [`super::chain`]).
 //!
 //! Every descriptor of a chain is checked against guest memory before any
 //! byte moves, and data then moves directly between guest memory and the
@@ -11,18 +21,23 @@
 //! header, data in the wrong direction, sectors past the end, lengths that
 //! are not whole sectors) gets an error status, and a chain with no room
 //! for the status byte is returned unused. Host I/O errors become `IOERR`.
+//! Every such request is counted (see [`BlockStats`]), and logged at a
+//! bounded rate.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::chain::{Layout, Region, gather, scatter, skip, take_last_byte, total};
+use super::chain::{
+    ChainError, Layout, Region, descriptors, gather, pop_head, scatter, skip, take_last_byte, total,
+};
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -35,6 +50,15 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Length of the id `GET_ID` returns.
 pub const ID_LEN: usize = 20;
 
+/// The most one request may move (data, not counting header and status).
+pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// Data segments a request may have (`seg_max`), offered to the driver.
+pub const SEG_MAX: u32 = 128;
+/// Bytes in one segment (`size_max`), offered to the driver.
+pub const SIZE_MAX: u32 = (MAX_REQUEST_BYTES / SEG_MAX as u64) as u32;
+
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
 
@@ -88,8 +112,8 @@ pub enum CacheType {
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image cannot be inspected.
-    #[error("cannot read the size of the image: {0}")]
+    /// The image's size cannot be found.
+    #[error("cannot find the size of the image: {0}")]
     Size(io::Error),
     /// An eventfd could not be made.
     #[error("eventfd: {0}")]
@@ -107,6 +131,16 @@ pub struct BlockStats {
     pub flushes: u64,
     /// Requests answered with an error status or dropped.
     pub errors: u64,
+    /// Notifications with an available index the queue cannot hold (or
+    /// an unreadable available ring): nothing is processed.
+    pub invalid_avail_idx: u64,
+    /// Chains using an indirect descriptor (not offered): dropped.
+    pub indirect: u64,
+    /// Other malformed chains (loops, bad indexes, buffers outside guest
+    /// memory, readable after writable, no status byte).
+    pub invalid_chains: u64,
+    /// Requests over [`MAX_REQUEST_BYTES`]: answered with `IOERR`.
+    pub oversized: u64,
     /// Bytes read from the image.
     pub bytes_read: u64,
     /// Bytes written to the image.
@@ -137,7 +171,7 @@ pub struct Block {
 impl Block {
     /// A device over `disk`.
     pub fn new(disk: File, read_only: bool, cache: CacheType, id: &str) -> Result<Self, BlockError> {
-        let size = disk.metadata().map_err(BlockError::Size)?.len();
+        let size = image_size(&disk)?;
         if size % SECTOR_SIZE != 0 {
             warn!(
                 "virtio-blk {id}: image size {size} is not a whole number of sectors; the last {} bytes are not visible",
@@ -176,7 +210,7 @@ impl Block {
     /// the new file, and a running driver is told its configuration
     /// changed.
     pub fn replace_image(&mut self, disk: File) -> Result<(), BlockError> {
-        let size = disk.metadata().map_err(BlockError::Size)?.len();
+        let size = image_size(&disk)?;
         self.disk = disk;
         self.sectors = size / SECTOR_SIZE;
         self.generation = self.generation.wrapping_add(1);
@@ -198,9 +232,17 @@ impl Block {
             return 0;
         };
         let mut done = 0;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let len = self.execute(&active.mem, chain);
+        loop {
+            let head = match pop_head(&mut active.queue, &active.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.stats.invalid_avail_idx += 1;
+                    self.log.warn(format_args!("queue ignored: {e}"));
+                    break;
+                }
+            };
+            let len = self.execute(&active.mem, &active.queue, head);
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
                 self.log
                     .warn(format_args!("cannot return descriptor {head}: {e}"));
@@ -222,19 +264,31 @@ impl Block {
         done
     }
 
-    /// Runs one request; returns the bytes written into the chain.
-    fn execute(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let layout = match Layout::of(mem, chain.clone()) {
+    /// Runs the request at `head`; returns the bytes written into the
+    /// chain.
+    fn execute(&mut self, mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> u32 {
+        let descriptors = match descriptors(mem, queue, head) {
+            Ok(d) => d,
+            Err(e) => {
+                // Not even the status byte can be trusted: returned unused.
+                self.chain_fault(e);
+                return 0;
+            }
+        };
+        let layout = match Layout::of(mem, &descriptors) {
             Ok(l) => l,
-            Err(why) => {
-                self.fail(format_args!("{why}"));
-                return status_only(mem, chain, S_IOERR);
+            Err(e) => {
+                self.chain_fault(e);
+                return status_only(mem, descriptors.last(), S_IOERR);
             }
         };
         let mut data = layout.writable;
         // The status byte is the last device-writable byte.
         let Some(status_addr) = take_last_byte(&mut data) else {
-            self.fail(format_args!("request without room for a status byte"));
+            self.stats.errors += 1;
+            self.stats.invalid_chains += 1;
+            self.log
+                .warn(format_args!("request without room for a status byte"));
             return 0;
         };
         let (status, written) = self.run(mem, &layout.readable, &data);
@@ -247,9 +301,14 @@ impl Block {
         written + 1
     }
 
-    fn fail(&mut self, what: std::fmt::Arguments<'_>) {
+    /// Counts (and logs, at a bounded rate) a chain that cannot be run.
+    fn chain_fault(&mut self, e: ChainError) {
         self.stats.errors += 1;
-        self.log.warn(what);
+        match e {
+            ChainError::Indirect => self.stats.indirect += 1,
+            _ => self.stats.invalid_chains += 1,
+        }
+        self.log.warn(format_args!("request dropped: {e}"));
     }
 
     /// Parses and performs a request; returns (status, bytes written to
@@ -263,56 +322,8 @@ impl Block {
         let header = RequestHeader::parse(&raw);
         let payload = skip(readable, HEADER_LEN);
         match header.request_type {
-            T_IN => {
-                if total(&payload) != 0 {
-                    self.log
-                        .warn(format_args!("read request with device-readable data"));
-                    return (S_IOERR, 0);
-                }
-                let len = total(writable) as u64;
-                let Some(offset) = self.check_range(header.sector, len) else {
-                    return (S_IOERR, 0);
-                };
-                match self.transfer(mem, writable, offset, Direction::FromImage) {
-                    Ok(()) => {
-                        self.stats.reads += 1;
-                        self.stats.bytes_read += len;
-                        (S_OK, len as u32)
-                    }
-                    Err(e) => {
-                        self.log
-                            .warn(format_args!("read at sector {}: {e}", header.sector));
-                        (S_IOERR, 0)
-                    }
-                }
-            }
-            T_OUT => {
-                if self.read_only {
-                    self.log.warn(format_args!("write to a read-only drive refused"));
-                    return (S_IOERR, 0);
-                }
-                if total(writable) != 0 {
-                    self.log
-                        .warn(format_args!("write request with device-writable data"));
-                    return (S_IOERR, 0);
-                }
-                let len = total(&payload) as u64;
-                let Some(offset) = self.check_range(header.sector, len) else {
-                    return (S_IOERR, 0);
-                };
-                match self.transfer(mem, &payload, offset, Direction::ToImage) {
-                    Ok(()) => {
-                        self.stats.writes += 1;
-                        self.stats.bytes_written += len;
-                        (S_OK, 0)
-                    }
-                    Err(e) => {
-                        self.log
-                            .warn(format_args!("write at sector {}: {e}", header.sector));
-                        (S_IOERR, 0)
-                    }
-                }
-            }
+            T_IN => self.read(mem, header.sector, &payload, writable),
+            T_OUT => self.write(mem, header.sector, &payload, writable),
             T_FLUSH if self.cache == CacheType::Writeback => match self.disk.sync_data() {
                 Ok(()) => {
                     self.stats.flushes += 1;
@@ -331,15 +342,86 @@ impl Block {
                 }
             }
             other => {
-                debug!("virtio-blk: unsupported request type {other}");
+                self.log.debug(format_args!("unsupported request type {other}"));
                 (S_UNSUPP, 0)
             }
         }
     }
 
+    /// A read (`IN`) from `sector` into `writable`.
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        payload: &[Region],
+        writable: &[Region],
+    ) -> (u8, u32) {
+        if total(payload) != 0 {
+            self.log
+                .warn(format_args!("read request with device-readable data"));
+            return (S_IOERR, 0);
+        }
+        let len = total(writable) as u64;
+        let Some(offset) = self.check_range(sector, len) else {
+            return (S_IOERR, 0);
+        };
+        match self.transfer(mem, writable, offset, Direction::FromImage) {
+            Ok(()) => {
+                self.stats.reads += 1;
+                self.stats.bytes_read += len;
+                (S_OK, len as u32)
+            }
+            Err(e) => {
+                self.log.warn(format_args!("read at sector {sector}: {e}"));
+                (S_IOERR, 0)
+            }
+        }
+    }
+
+    /// A write (`OUT`) of `payload` at `sector`.
+    fn write(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        payload: &[Region],
+        writable: &[Region],
+    ) -> (u8, u32) {
+        if self.read_only {
+            self.log.warn(format_args!("write to a read-only drive refused"));
+            return (S_IOERR, 0);
+        }
+        if total(writable) != 0 {
+            self.log
+                .warn(format_args!("write request with device-writable data"));
+            return (S_IOERR, 0);
+        }
+        let len = total(payload) as u64;
+        let Some(offset) = self.check_range(sector, len) else {
+            return (S_IOERR, 0);
+        };
+        match self.transfer(mem, payload, offset, Direction::ToImage) {
+            Ok(()) => {
+                self.stats.writes += 1;
+                self.stats.bytes_written += len;
+                (S_OK, 0)
+            }
+            Err(e) => {
+                self.log.warn(format_args!("write at sector {sector}: {e}"));
+                (S_IOERR, 0)
+            }
+        }
+    }
+
     /// The byte offset of `sector`, if `len` bytes from there are whole
-    /// sectors inside the image.
+    /// sectors inside the image, and no more than one request may move.
     fn check_range(&mut self, sector: u64, len: u64) -> Option<u64> {
+        if len > MAX_REQUEST_BYTES {
+            self.stats.oversized += 1;
+            self.log.warn(format_args!(
+                "request for {len} bytes refused: the limit is {MAX_REQUEST_BYTES}"
+            ));
+            return None;
+        }
         let sectors = len / SECTOR_SIZE;
         let fits =
             len % SECTOR_SIZE == 0 && sector.checked_add(sectors).is_some_and(|end| end <= self.sectors);
@@ -373,17 +455,31 @@ impl Block {
         Ok(())
     }
 
-    fn config_space(&self) -> [u8; 8] {
-        self.sectors.to_le_bytes()
+    /// `virtio_blk_config` up to `seg_max`: capacity (u64), `size_max`
+    /// (u32), `seg_max` (u32).
+    fn config_space(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&self.sectors.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c
     }
+}
+
+/// The size of an image: where a seek to its end lands. For a regular
+/// file that is its length, for a block device its size (which its
+/// metadata gives as 0).
+fn image_size(disk: &File) -> Result<u64, BlockError> {
+    let mut f = disk;
+    f.seek(SeekFrom::End(0)).map_err(BlockError::Size)
 }
 
 /// Writes `status` into the last byte of the chain's last descriptor, if
 /// that descriptor is device-writable and inside guest memory: the driver
 /// then learns that a request it made up wrong failed. Returns the used
 /// length (1, or 0 if there was no such byte).
-fn status_only(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, status: u8) -> u32 {
-    let Some(last) = chain.last() else { return 0 };
+fn status_only(mem: &GuestMemoryMmap, last: Option<&Descriptor>, status: u8) -> u32 {
+    let Some(last) = last else { return 0 };
     if !last.is_write_only() || last.len() == 0 {
         return 0;
     }
@@ -406,7 +502,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = F_VERSION_1;
+        let mut f = F_VERSION_1 | F_SEG_MAX | F_SIZE_MAX;
         if self.read_only {
             f |= F_RO;
         }
@@ -458,6 +554,10 @@ impl VirtioDevice for Block {
             ("write_count", s.writes),
             ("flush_count", s.flushes),
             ("error_count", s.errors),
+            ("invalid_avail_idx_count", s.invalid_avail_idx),
+            ("indirect_desc_count", s.indirect),
+            ("invalid_chain_count", s.invalid_chains),
+            ("oversized_req_count", s.oversized),
             ("read_bytes", s.bytes_read),
             ("write_bytes", s.bytes_written),
         ]

@@ -1,15 +1,123 @@
 //! Descriptor chains as device models see them: the device-readable
 //! regions, then the device-writable ones, each checked to lie inside
 //! guest memory before a device touches any of it.
+//!
+//! flatlet walks chains itself rather than through virtio-queue's
+//! iterator, for two reasons: it offers no `VIRTIO_RING_F_INDIRECT_DESC`,
+//! so a descriptor that points to an indirect table is refused, not
+//! followed; and a driver's mistakes (an available index that claims more
+//! chains than the queue holds, a descriptor index past the table) are
+//! returned as errors the device counts and logs at a bounded rate,
+//! instead of virtio-queue's own unlimited log lines.
 
-use virtio_queue::DescriptorChain;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A stretch of guest memory a descriptor gives.
 pub type Region = (GuestAddress, usize);
 
+/// Size of a descriptor in the table.
+const DESCRIPTOR_SIZE: u64 = 16;
+
+/// What is wrong with a queue or a chain the driver made available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The available index is more than a queue's worth ahead.
+    #[error("available index {avail} is more than {size} ahead of {next}")]
+    AvailIndex { avail: u16, next: u16, size: u16 },
+    /// The available ring cannot be read.
+    #[error("available ring outside guest memory")]
+    AvailRing,
+    /// A descriptor index past the end of the table.
+    #[error("descriptor index {0} is past the end of the table")]
+    Index(u16),
+    /// A descriptor cannot be read.
+    #[error("descriptor {0} outside guest memory")]
+    Table(u16),
+    /// An indirect descriptor: the feature is not offered.
+    #[error("indirect descriptor (VIRTIO_RING_F_INDIRECT_DESC is not offered)")]
+    Indirect,
+    /// More descriptors than the queue has: a loop.
+    #[error("chain longer than the queue (a loop)")]
+    TooLong,
+    /// A buffer outside guest memory.
+    #[error("descriptor outside guest memory")]
+    OutsideMemory,
+    /// A device-readable buffer after a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// A buffer in the direction the queue does not use.
+    #[error("descriptor in the wrong direction for this queue")]
+    WrongDirection,
+}
+
+/// The head of the next chain the driver made available, if any. The
+/// available index is checked first: a driver that claims more chains
+/// than the queue holds gets [`ChainError::AvailIndex`], and the queue is
+/// left as it was. A queue that is not ready has nothing available.
+pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, ChainError> {
+    if !queue.ready() {
+        return Ok(None);
+    }
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|_| ChainError::AvailRing)?;
+    let next = Wrapping(queue.next_avail());
+    if (avail - next).0 > queue.size() {
+        return Err(ChainError::AvailIndex {
+            avail: avail.0,
+            next: next.0,
+            size: queue.size(),
+        });
+    }
+    if avail == next {
+        return Ok(None);
+    }
+    // Popping through the queue keeps its next-available index and
+    // event-index bookkeeping; only the head is used from the chain.
+    match queue.iter(mem) {
+        Ok(mut it) => Ok(it.next().map(|c| c.head_index())),
+        Err(_) => Err(ChainError::AvailRing),
+    }
+}
+
+/// The descriptors of the chain at `head`, in order. Indirect descriptors
+/// are refused, and a chain ends at the queue size (a loop is an error).
+pub fn descriptors(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Result<Vec<Descriptor>, ChainError> {
+    let table = GuestAddress(queue.desc_table());
+    let size = queue.size();
+    let mut out = Vec::new();
+    let mut index = head;
+    loop {
+        if index >= size {
+            return Err(ChainError::Index(index));
+        }
+        if out.len() >= usize::from(size) {
+            return Err(ChainError::TooLong);
+        }
+        let d: Descriptor = table
+            .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
+            .and_then(|addr| mem.read_obj(addr).ok())
+            .ok_or(ChainError::Table(index))?;
+        if d.refers_to_indirect_table() {
+            return Err(ChainError::Indirect);
+        }
+        let next = d.has_next().then(|| d.next());
+        out.push(d);
+        match next {
+            Some(n) => index = n,
+            None => return Ok(out),
+        }
+    }
+}
+
 /// A request's buffers: device-readable regions, then device-writable
 /// ones, each checked to lie in guest memory.
+#[derive(Debug, Default)]
 pub struct Layout {
     /// Device-readable regions, in order.
     pub readable: Vec<Region>,
@@ -18,28 +126,23 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout of `chain`.
-    pub fn of(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, &'static str> {
-        let mut l = Layout {
-            readable: Vec::new(),
-            writable: Vec::new(),
-        };
-        // The chain's iterator ends loops and over-long chains at the
-        // queue size (or the indirect table's).
-        for d in chain {
+    /// The layout of a chain's descriptors.
+    pub fn of(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> Result<Self, ChainError> {
+        let mut l = Layout::default();
+        for d in descriptors {
             let len = d.len() as usize;
             if len == 0 {
                 continue;
             }
             if !mem.check_range(d.addr(), len) {
-                return Err("descriptor outside guest memory");
+                return Err(ChainError::OutsideMemory);
             }
             if d.is_write_only() {
                 l.writable.push((d.addr(), len));
             } else if l.writable.is_empty() {
                 l.readable.push((d.addr(), len));
             } else {
-                return Err("device-readable descriptor after a device-writable one");
+                return Err(ChainError::ReadableAfterWritable);
             }
         }
         Ok(l)
@@ -114,15 +217,15 @@ pub fn scatter(
 mod tests {
     use super::*;
     use crate::virtio::test_utils::{DATA_BASE, MEM_SIZE, QUEUE_BASE, add_chain, memory, mock};
-    use virtio_queue::{Queue, QueueT};
+    use virtio_queue::desc::RawDescriptor;
 
-    fn layout(parts: &[(u64, u32, bool)]) -> Result<Layout, &'static str> {
+    fn layout(parts: &[(u64, u32, bool)]) -> Result<Layout, ChainError> {
         let mem = memory();
         let m = mock(&mem, QUEUE_BASE[0], 16);
         add_chain(&m, 0, parts);
         let mut q: Queue = m.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(&mem).unwrap();
-        Layout::of(&mem, chain)
+        let head = pop_head(&mut q, &mem).unwrap().unwrap();
+        Layout::of(&mem, &descriptors(&mem, &q, head)?)
     }
 
     #[test]
@@ -151,6 +254,73 @@ mod tests {
             layout(&[(u64::MAX - 2, 8, true)]).is_err(),
             "wraps the address space"
         );
+    }
+
+    /// A queue of 16 over `descs` (from descriptor 0), made available.
+    fn queue_with(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Queue {
+        let m = mock(mem, QUEUE_BASE[0], 16);
+        let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
+        m.add_desc_chains(&raw, 0).unwrap();
+        m.create_queue().unwrap()
+    }
+
+    #[test]
+    fn indirect_descriptors_are_refused_not_followed() {
+        let mem = memory();
+        // A valid indirect table: the walk must not reach it.
+        let table = GuestAddress(DATA_BASE + 0x4000);
+        mem.write_obj(Descriptor::new(DATA_BASE, 16, 0, 0), table)
+            .unwrap();
+        let mut q = queue_with(&mem, &[Descriptor::new(table.0, 16, 4, 0)]);
+        let head = pop_head(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(descriptors(&mem, &q, head).unwrap_err(), ChainError::Indirect);
+        // Also in the middle of a chain.
+        let mut q = queue_with(
+            &mem,
+            &[
+                Descriptor::new(DATA_BASE, 16, 1, 1),
+                Descriptor::new(table.0, 16, 4, 0),
+            ],
+        );
+        let head = pop_head(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(descriptors(&mem, &q, head).unwrap_err(), ChainError::Indirect);
+    }
+
+    #[test]
+    fn loops_and_bad_indexes_are_errors() {
+        let mem = memory();
+        let mut q = queue_with(&mem, &[Descriptor::new(DATA_BASE, 16, 1, 0)]);
+        let head = pop_head(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(descriptors(&mem, &q, head).unwrap_err(), ChainError::TooLong);
+        let mut q = queue_with(&mem, &[Descriptor::new(DATA_BASE, 16, 1, 99)]);
+        let head = pop_head(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(descriptors(&mem, &q, head).unwrap_err(), ChainError::Index(99));
+    }
+
+    #[test]
+    fn an_available_index_too_far_ahead_is_an_error_and_moves_nothing() {
+        let mem = memory();
+        let m = mock(&mem, QUEUE_BASE[0], 16);
+        add_chain(&m, 0, &[(DATA_BASE, 16, false)]);
+        let mut q: Queue = m.create_queue().unwrap();
+        m.avail().idx().store(1000u16.to_le());
+        for _ in 0..3 {
+            assert_eq!(
+                pop_head(&mut q, &mem),
+                Err(ChainError::AvailIndex {
+                    avail: 1000,
+                    next: 0,
+                    size: 16
+                })
+            );
+        }
+        assert_eq!(q.next_avail(), 0);
+        m.avail().idx().store(1u16.to_le());
+        assert_eq!(pop_head(&mut q, &mem), Ok(Some(0)));
+        assert_eq!(pop_head(&mut q, &mem), Ok(None));
+        q.set_ready(false);
+        m.avail().idx().store(1000u16.to_le());
+        assert_eq!(pop_head(&mut q, &mem), Ok(None), "a queue not ready has nothing");
     }
 
     #[test]

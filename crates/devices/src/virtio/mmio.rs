@@ -1,19 +1,22 @@
 //! The virtio-mmio transport, register layout version 2 (virtio 1.x).
 //!
 //! Every register access comes from a vCPU thread and is guest-controlled:
-//! wrong sizes, offsets, queue indexes and out-of-order status changes are
-//! ignored (with a debug log), never trusted.
+//! wrong sizes, offsets, queue indexes, queue setups and out-of-order
+//! status changes are ignored, never trusted. Each is counted
+//! ([`MmioStats`], in the device's metrics) and logged at a bounded rate.
+//! Queue setup is checked here, before virtio-queue sees it, so that its
+//! own (unlimited) error lines are never reached.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt};
 use crate::bus::{BusDevice, lock};
 use crate::irq::IrqLine;
+use crate::ratelimit::LogLimiter;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -58,6 +61,41 @@ pub const STATUS_NEEDS_RESET: u32 = 0x40;
 /// The driver gave up.
 pub const STATUS_FAILED: u32 = 0x80;
 
+/// What the driver got wrong, counted.
+#[derive(Debug, Default)]
+pub struct MmioStats {
+    /// Accesses of the wrong size or alignment, to unknown registers, or
+    /// to queue registers outside queue setup.
+    pub invalid_access: AtomicU64,
+    /// Queue setups refused: a size or ring address the queue cannot
+    /// take, or rings outside guest memory at DRIVER_OK.
+    pub invalid_queue_config: AtomicU64,
+    /// Notifications before DRIVER_OK or of queues that do not exist.
+    pub invalid_notify: AtomicU64,
+    /// Status writes refused: bits taken back, features not offered.
+    pub invalid_status: AtomicU64,
+    /// Activations that failed.
+    pub activate_fails: AtomicU64,
+}
+
+impl MmioStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters, for metrics.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("mmio_invalid_access_count", get(&self.invalid_access)),
+            ("mmio_invalid_queue_config_count", get(&self.invalid_queue_config)),
+            ("mmio_invalid_notify_count", get(&self.invalid_notify)),
+            ("mmio_invalid_status_count", get(&self.invalid_status)),
+            ("activate_fails", get(&self.activate_fails)),
+        ]
+    }
+}
+
 /// The transport of one device.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -71,12 +109,17 @@ pub struct MmioTransport {
     queue_sel: u32,
     queues: Vec<Queue>,
     activated: bool,
+    stats: Arc<MmioStats>,
+    log: LogLimiter,
 }
 
 impl MmioTransport {
     /// The transport of `device`, interrupting through `irq`.
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemoryMmap, irq: IrqLine) -> Self {
-        let queues = Self::fresh_queues(&*lock(&device));
+        let (queues, kind) = {
+            let d = lock(&device);
+            (Self::fresh_queues(&*d), d.device_type())
+        };
         Self {
             device,
             mem,
@@ -89,7 +132,21 @@ impl MmioTransport {
             queue_sel: 0,
             queues,
             activated: false,
+            stats: Arc::default(),
+            log: LogLimiter::new(format!("virtio-mmio (device type {kind})")),
         }
+    }
+
+    /// The counters of what the driver got wrong (shared: the VMM reads
+    /// them without taking the transport's lock).
+    pub fn stats(&self) -> Arc<MmioStats> {
+        self.stats.clone()
+    }
+
+    /// Counts `counter` and logs `what` at a bounded rate (debug level).
+    fn refuse(&mut self, counter: fn(&MmioStats) -> &AtomicU64, what: std::fmt::Arguments<'_>) {
+        MmioStats::bump(counter(&self.stats));
+        self.log.debug(what);
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -133,7 +190,11 @@ impl MmioTransport {
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => device.config_generation(),
             _ => {
-                debug!("virtio-mmio: read of unknown register {offset:#x}");
+                drop(device);
+                self.refuse(
+                    |s| &s.invalid_access,
+                    format_args!("read of unknown register {offset:#x}"),
+                );
                 0
             }
         }
@@ -157,11 +218,7 @@ impl MmioTransport {
                 }
             }
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM if queue_setup => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
-                }
-            }
+            REG_QUEUE_NUM if queue_setup => self.set_queue_size(v),
             REG_QUEUE_READY if queue_setup => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
@@ -175,41 +232,88 @@ impl MmioTransport {
             | REG_QUEUE_DEVICE_HIGH
                 if queue_setup =>
             {
-                let (lo, hi) = if offset & 4 == 0 {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
-                if let Some(q) = self.selected_queue() {
-                    match offset & !4 {
-                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
-                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
-                    }
-                }
+                self.set_queue_address(offset, v)
             }
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => {
                 self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
             }
             REG_STATUS => self.set_status(v),
-            _ => debug!("virtio-mmio: ignored write of {v:#x} to register {offset:#x}"),
+            _ => self.refuse(
+                |s| &s.invalid_access,
+                format_args!("ignored write of {v:#x} to register {offset:#x}"),
+            ),
         }
     }
 
-    fn notify(&self, index: u32) {
+    /// `QueueNum`: a power of two up to the queue's maximum.
+    fn set_queue_size(&mut self, v: u32) {
+        let ok = match (u16::try_from(v), self.selected_queue()) {
+            (Ok(size), Some(q)) => q.try_set_size(size).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            let sel = self.queue_sel;
+            self.refuse(
+                |s| &s.invalid_queue_config,
+                format_args!("queue {sel}: size {v} refused"),
+            );
+        }
+    }
+
+    /// One half of a ring's address; the whole must be aligned as the
+    /// ring needs (16 bytes for descriptors, 2 available, 4 used).
+    fn set_queue_address(&mut self, offset: u64, v: u32) {
+        let sel = self.queue_sel;
+        let Some(q) = self.selected_queue() else {
+            self.refuse(
+                |s| &s.invalid_queue_config,
+                format_args!("ring address for queue {sel}, which does not exist"),
+            );
+            return;
+        };
+        let old = match offset & !4 {
+            REG_QUEUE_DESC_LOW => q.desc_table(),
+            REG_QUEUE_DRIVER_LOW => q.avail_ring(),
+            _ => q.used_ring(),
+        };
+        let new = if offset & 4 == 0 {
+            (old & !0xffff_ffff) | u64::from(v)
+        } else {
+            (old & 0xffff_ffff) | (u64::from(v) << 32)
+        };
+        let addr = GuestAddress(new);
+        let set = match offset & !4 {
+            REG_QUEUE_DESC_LOW => q.try_set_desc_table_address(addr),
+            REG_QUEUE_DRIVER_LOW => q.try_set_avail_ring_address(addr),
+            _ => q.try_set_used_ring_address(addr),
+        };
+        if set.is_err() {
+            self.refuse(
+                |s| &s.invalid_queue_config,
+                format_args!("misaligned ring address {new:#x} (register {offset:#x}) refused"),
+            );
+        }
+    }
+
+    fn notify(&mut self, index: u32) {
         if !self.activated {
-            debug!("virtio-mmio: notify before DRIVER_OK ignored");
+            self.refuse(
+                |s| &s.invalid_notify,
+                format_args!("notify before DRIVER_OK ignored"),
+            );
             return;
         }
         let device = lock(&self.device);
-        match device.queue_events().get(index as usize) {
-            Some(evt) => {
-                if let Err(e) = evt.write(1) {
-                    warn!("virtio-mmio: cannot signal queue {index}: {e}");
-                }
-            }
-            None => debug!("virtio-mmio: notify of queue {index}, which does not exist"),
+        let signalled = device.queue_events().get(index as usize).map(|evt| evt.write(1));
+        drop(device);
+        match signalled {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => self.log.warn(format_args!("cannot signal queue {index}: {e}")),
+            None => self.refuse(
+                |s| &s.invalid_notify,
+                format_args!("notify of queue {index}, which does not exist"),
+            ),
         }
     }
 
@@ -220,9 +324,10 @@ impl MmioTransport {
         }
         // Status bits only accumulate (until a reset).
         if v & self.status != self.status {
-            debug!(
-                "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
-                self.status
+            let old = self.status;
+            self.refuse(
+                |s| &s.invalid_status,
+                format_args!("status {v:#x} drops bits of {old:#x}; ignored"),
             );
             return;
         }
@@ -232,7 +337,11 @@ impl MmioTransport {
             if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
                 // Features the device did not offer, or a legacy driver:
                 // leave FEATURES_OK unset, so the driver sees the refusal.
-                debug!("virtio-mmio: driver features {:#x} refused", self.driver_features);
+                let features = self.driver_features;
+                self.refuse(
+                    |s| &s.invalid_status,
+                    format_args!("driver features {features:#x} refused"),
+                );
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
@@ -244,12 +353,17 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                warn!("virtio-mmio: queue {i} set up by the driver is invalid; device needs reset");
-                self.status |= STATUS_NEEDS_RESET;
-                return;
-            }
+        let bad = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !rings_in_memory(q, &self.mem));
+        if let Some(i) = bad {
+            self.refuse(
+                |s| &s.invalid_queue_config,
+                format_args!("queue {i}: rings outside guest memory; device needs reset"),
+            );
+            self.status |= STATUS_NEEDS_RESET;
+            return;
         }
         // The device gets copies; the transport keeps its own for the
         // registers the driver may still read.
@@ -264,10 +378,12 @@ impl MmioTransport {
             interrupt: VirtioInterrupt::new(self.interrupt_status.clone(), self.irq.clone()),
             acked_features: self.driver_features,
         };
-        match lock(&self.device).activate(activation) {
+        let result = lock(&self.device).activate(activation);
+        match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                warn!("virtio-mmio: activation failed: {e}");
+                MmioStats::bump(&self.stats.activate_fails);
+                self.log.warn(format_args!("activation failed: {e}"));
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
@@ -288,6 +404,14 @@ impl MmioTransport {
     }
 }
 
+/// Whether the rings of `q` lie in guest memory (checked here rather than
+/// with virtio-queue's `is_valid`, which logs every failure).
+fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = u64::from(q.size());
+    let fits = |addr: u64, len: u64| mem.check_range(GuestAddress(addr), len as usize);
+    fits(q.desc_table(), 16 * size) && fits(q.avail_ring(), 6 + 2 * size) && fits(q.used_ring(), 6 + 8 * size)
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
@@ -296,7 +420,10 @@ impl BusDevice for MmioTransport {
         }
         data.fill(0);
         if data.len() != 4 || offset % 4 != 0 {
-            debug!("virtio-mmio: {}-byte read at {offset:#x} ignored", data.len());
+            self.refuse(
+                |s| &s.invalid_access,
+                format_args!("{}-byte read at {offset:#x} ignored", data.len()),
+            );
             return;
         }
         data.copy_from_slice(&self.read_register(offset).to_le_bytes());
@@ -308,7 +435,10 @@ impl BusDevice for MmioTransport {
             return;
         }
         let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) else {
-            debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+            self.refuse(
+                |s| &s.invalid_access,
+                format_args!("{}-byte write at {offset:#x} ignored", data.len()),
+            );
             return;
         };
         self.write_register(offset, u32::from_le_bytes(bytes));
@@ -476,6 +606,62 @@ mod tests {
         wr(&mut r.t, REG_STATUS, s | STATUS_DRIVER_OK);
         assert_ne!(rd(&mut r.t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
         assert!(!r.t.activated);
+        assert_eq!(r.t.stats().invalid_queue_config.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_flood_of_bad_queue_setups_and_notifies_is_counted_and_rate_limited() {
+        crate::ratelimit::tests::capture_logs();
+        let mut r = rig();
+        r.t.log = LogLimiter::new("flood-mmio".into());
+        wr(&mut r.t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut r.t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut r.t, REG_DRIVER_FEATURES, 1);
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        wr(&mut r.t, REG_STATUS, s);
+        const N: u64 = 1000;
+        for i in 0..N {
+            // Not a power of two, too big, and misaligned rings.
+            wr(&mut r.t, REG_QUEUE_NUM, 3 + 2 * i as u32);
+            wr(&mut r.t, REG_QUEUE_DESC_LOW, 0x1001);
+            wr(&mut r.t, REG_QUEUE_DRIVER_LOW, 0x2001);
+            wr(&mut r.t, REG_QUEUE_DEVICE_LOW, 0x3002);
+            // Before DRIVER_OK, and an unknown register.
+            wr(&mut r.t, REG_QUEUE_NOTIFY, 0);
+            wr(&mut r.t, 0x0c0, 1);
+        }
+        let stats = r.t.stats();
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(count(&stats.invalid_queue_config), 4 * N);
+        assert_eq!(count(&stats.invalid_notify), N);
+        assert_eq!(count(&stats.invalid_access), N);
+        assert!(
+            r.dev.lock().unwrap().queue_events()[0].read().is_err(),
+            "nothing was signalled"
+        );
+        let lines = crate::ratelimit::tests::logged("flood-mmio");
+        assert!(
+            !lines.is_empty() && lines.len() <= crate::ratelimit::BURST as usize,
+            "{} lines",
+            lines.len()
+        );
+        assert!(
+            crate::ratelimit::tests::logged("virtio queue").is_empty(),
+            "virtio-queue's own lines are never reached"
+        );
+        // The refused values were not taken: a good setup still works.
+        wr(&mut r.t, REG_QUEUE_NUM, 16);
+        let base = QUEUE_BASE[0];
+        wr(&mut r.t, REG_QUEUE_DESC_LOW, base as u32);
+        wr(&mut r.t, REG_QUEUE_DRIVER_LOW, (base + 0x100) as u32);
+        wr(&mut r.t, REG_QUEUE_DEVICE_LOW, (base + 0x200) as u32);
+        wr(&mut r.t, REG_QUEUE_READY, 1);
+        wr(&mut r.t, REG_STATUS, s | STATUS_DRIVER_OK);
+        assert!(r.t.activated);
+        let q = &r.t.queues[0];
+        assert_eq!((q.size(), q.desc_table()), (16, base));
+        let counters = stats.counters();
+        assert!(counters.contains(&("mmio_invalid_queue_config_count", 4 * N)));
     }
 
     #[test]

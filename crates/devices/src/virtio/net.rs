@@ -6,8 +6,9 @@
 //! frame read from the TAP waits in the device until the guest has a
 //! buffer for it (the TAP is not read meanwhile), so no frame is lost or
 //! duplicated when the guest's receive queue is full. Transmit takes each
-//! chain of device-readable descriptors as one frame. Malformed chains are
-//! dropped with a rate-limited log line.
+//! chain of device-readable descriptors as one frame. Malformed chains
+//! (indirect descriptors included: the feature is not offered) are
+//! dropped, counted, and logged at a bounded rate.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::chain::{Layout, gather, total};
+use super::chain::{ChainError, Layout, descriptors, gather, pop_head, scatter, total};
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -88,6 +89,11 @@ pub struct NetStats {
     pub dropped: u64,
     /// Times receive waited for guest buffers.
     pub rx_deferred: u64,
+    /// Notifications with an available index the queue cannot hold (or
+    /// an unreadable available ring): nothing is processed.
+    pub invalid_avail_idx: u64,
+    /// Chains using an indirect descriptor (not offered): dropped.
+    pub indirect: u64,
 }
 
 struct Active {
@@ -150,9 +156,17 @@ impl Net {
     pub fn process_tx(&mut self) -> usize {
         let Some(a) = self.active.as_mut() else { return 0 };
         let mut done = 0;
-        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
-            let head = chain.head_index();
-            match frame_of(&a.mem, chain, &mut self.tx_buf) {
+        loop {
+            let head = match pop_head(&mut a.tx, &a.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.stats.invalid_avail_idx += 1;
+                    self.log.warn(format_args!("transmit queue ignored: {e}"));
+                    break;
+                }
+            };
+            match frame_of(&a.mem, &a.tx, head, &mut self.tx_buf) {
                 Ok(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
                     Ok(_) => self.stats.tx_frames += 1,
                     Err(e) => {
@@ -162,6 +176,9 @@ impl Net {
                 },
                 Err(why) => {
                     self.stats.dropped += 1;
+                    if why == FrameError::Chain(ChainError::Indirect) {
+                        self.stats.indirect += 1;
+                    }
                     self.log.warn(format_args!("transmit chain dropped: {why}"));
                 }
             }
@@ -226,22 +243,27 @@ impl Net {
         self.rx_frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
         let frame = &self.rx_frame[..self.rx_len];
         loop {
-            let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
-                return Delivery::NoBuffer;
+            let head = match pop_head(&mut a.rx, &a.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => return Delivery::NoBuffer,
+                Err(e) => {
+                    self.stats.invalid_avail_idx += 1;
+                    self.log.warn(format_args!("receive queue ignored: {e}"));
+                    return Delivery::NoBuffer;
+                }
             };
-            let head = chain.head_index();
-            let written = match chain.writer(&a.mem) {
-                Ok(mut w) if w.available_bytes() >= frame.len() => match w.write_all(frame) {
+            let written = match receive_buffer(&a.mem, &a.rx, head) {
+                Ok(regions) if total(&regions) >= frame.len() => match scatter(&a.mem, &regions, frame) {
                     Ok(()) => Some(frame.len() as u32),
                     Err(e) => {
                         self.log.warn(format_args!("receive buffer: {e}"));
                         None
                     }
                 },
-                Ok(w) => {
+                Ok(regions) => {
                     self.log.warn(format_args!(
                         "receive buffer of {} bytes cannot hold a {}-byte frame; frame dropped",
-                        w.available_bytes(),
+                        total(&regions),
                         frame.len()
                     ));
                     self.stats.dropped += 1;
@@ -249,8 +271,10 @@ impl Net {
                     return Delivery::Delivered;
                 }
                 Err(e) => {
-                    self.log
-                        .warn(format_args!("receive chain outside guest memory: {e}"));
+                    if e == ChainError::Indirect {
+                        self.stats.indirect += 1;
+                    }
+                    self.log.warn(format_args!("receive chain dropped: {e}"));
                     None
                 }
             };
@@ -305,25 +329,52 @@ fn notify(a: &mut Active, which: usize) {
     }
 }
 
-/// Gathers a transmit chain into `buf`; returns its length. The virtio-net
-/// header is cleared: flatlet offers no offloads, so the host kernel must
-/// never act on offload fields a guest made up.
-fn frame_of(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Result<usize, String> {
-    let layout = Layout::of(mem, chain)?;
+/// Why a transmit chain is dropped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum FrameError {
+    /// The chain itself is malformed.
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+    /// Buffers the device would write to.
+    #[error("device-writable descriptors in a transmit chain")]
+    Writable,
+    /// Too short for headers, or longer than a frame can be.
+    #[error("frame of {0} bytes")]
+    Length(usize),
+    /// Guest memory could not be read.
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
+/// Gathers the transmit chain at `head` into `buf`; returns its length.
+/// The virtio-net header is cleared: flatlet offers no offloads, so the
+/// host kernel must never act on offload fields a guest made up.
+fn frame_of(mem: &GuestMemoryMmap, queue: &Queue, head: u16, buf: &mut [u8]) -> Result<usize, FrameError> {
+    let layout = Layout::of(mem, &descriptors(mem, queue, head)?)?;
     if !layout.writable.is_empty() {
-        return Err("device-writable descriptors in a transmit chain".into());
+        return Err(FrameError::Writable);
     }
     let len = total(&layout.readable);
     if len < VNET_HDR_LEN + 14 || len > buf.len() {
-        return Err(format!("frame of {len} bytes"));
+        return Err(FrameError::Length(len));
     }
-    gather(mem, &layout.readable, &mut buf[..len]).map_err(|e| e.to_string())?;
+    gather(mem, &layout.readable, &mut buf[..len]).map_err(|e| FrameError::Memory(e.to_string()))?;
     buf[..VNET_HDR_LEN].fill(0);
     Ok(len)
+}
+
+/// The device-writable regions of the receive chain at `head` (a receive
+/// buffer has no device-readable part).
+fn receive_buffer(
+    mem: &GuestMemoryMmap,
+    queue: &Queue,
+    head: u16,
+) -> Result<Vec<super::chain::Region>, ChainError> {
+    let layout = Layout::of(mem, &descriptors(mem, queue, head)?)?;
+    if !layout.readable.is_empty() {
+        return Err(ChainError::WrongDirection);
+    }
+    Ok(layout.writable)
 }
 
 impl VirtioDevice for Net {
@@ -377,6 +428,8 @@ impl VirtioDevice for Net {
             ("rx_frames", s.rx_frames),
             ("dropped", s.dropped),
             ("rx_deferred", s.rx_deferred),
+            ("invalid_avail_idx_count", s.invalid_avail_idx),
+            ("indirect_desc_count", s.indirect),
         ]
     }
 }

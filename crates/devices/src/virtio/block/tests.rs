@@ -312,3 +312,199 @@ fn replacing_the_image_changes_capacity_and_tells_the_driver() {
     r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert!(got.iter().all(|b| *b == 9), "reads come from the new image");
 }
+
+/// A device over `file` with its queue at `QUEUE_BASE[0]`, logging as
+/// `virtio-blk <id>`.
+fn rig_over(image: TempFile, id: &str) -> Rig {
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(memory()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image.as_path())
+        .unwrap();
+    let mut dev = Block::new(file, false, CacheType::Unsafe, id).unwrap();
+    let m = mock(mem, QUEUE_BASE[0], 16);
+    let (act, sink) = activation(mem, &[&m]);
+    dev.activate(act).unwrap();
+    Rig {
+        mem,
+        m,
+        dev,
+        sink,
+        image,
+    }
+}
+
+#[test]
+fn indirect_descriptors_are_refused_and_counted() {
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    let mut r = rig(false, CacheType::Unsafe);
+    r.header(T_IN, 5);
+    r.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+    // A well-formed read request, in an indirect table.
+    let table = GuestAddress(DATA_BASE + 0x8000);
+    let parts = [
+        Descriptor::new(HDR, 16, 1, 1),
+        Descriptor::new(DATA, 512, 1 | 2, 2),
+        Descriptor::new(STATUS, 1, 2, 0),
+    ];
+    for (i, d) in parts.iter().enumerate() {
+        r.mem.write_obj(*d, table.unchecked_add(16 * i as u64)).unwrap();
+    }
+    let head = RawDescriptor::from(Descriptor::new(table.0, 48, 4, 0));
+    r.m.add_desc_chains(&[head], 0).unwrap();
+    assert_eq!(r.dev.process_queue(), 1, "the chain is returned");
+    let (id, len, idx) = used(r.mem, &r.m, 0);
+    assert_eq!((id, len, idx), (0, 0, 1), "returned unused");
+    let mut data = [0u8; 512];
+    r.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, [0xee; 512], "no data moved");
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff);
+    let s = r.dev.stats();
+    assert_eq!((s.indirect, s.errors, s.reads), (1, 1, 0));
+    assert!(r.dev.counters().contains(&("indirect_desc_count", 1)));
+}
+
+#[test]
+fn one_request_moves_at_most_the_cap() {
+    // An image large enough that only the cap can refuse the request.
+    let image = TempFile::new().unwrap();
+    image.as_file().set_len(4 * MAX_REQUEST_BYTES).unwrap();
+    let mut r = rig_over(image, "big");
+    const BIG: u64 = 0x40_0000;
+    r.header(T_IN, 0);
+    let at_cap = MAX_REQUEST_BYTES as u32;
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (BIG, at_cap, true), (STATUS, 1, true)]),
+        (at_cap + 1, S_OK)
+    );
+    r.header(T_IN, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (BIG, at_cap + 512, true), (STATUS, 1, true)]),
+        (1, S_IOERR),
+        "a read over the cap"
+    );
+    r.header(T_OUT, 0);
+    assert_eq!(
+        r.submit(&[
+            (HDR, 16, false),
+            (BIG, at_cap, false),
+            (BIG, 512, false),
+            (STATUS, 1, true)
+        ]),
+        (1, S_IOERR),
+        "a write over the cap, in two segments"
+    );
+    let s = r.dev.stats();
+    assert_eq!((s.oversized, s.reads, s.writes, s.bytes_written), (2, 1, 0, 0));
+}
+
+#[test]
+fn the_cap_is_offered_as_seg_max_and_size_max() {
+    let r = rig(false, CacheType::Unsafe);
+    assert_ne!(r.dev.features() & F_SEG_MAX, 0);
+    assert_ne!(r.dev.features() & F_SIZE_MAX, 0);
+    let mut c = [0u8; 16];
+    r.dev.read_config(0, &mut c);
+    let size_max = u32::from_le_bytes(c[8..12].try_into().unwrap());
+    let seg_max = u32::from_le_bytes(c[12..16].try_into().unwrap());
+    assert_eq!((size_max, seg_max), (SIZE_MAX, SEG_MAX));
+    assert_eq!(u64::from(size_max) * u64::from(seg_max), MAX_REQUEST_BYTES);
+    assert!(
+        seg_max + 2 <= u32::from(QUEUE_SIZE),
+        "a full request fits the ring"
+    );
+}
+
+#[test]
+fn a_flood_of_bad_available_indexes_is_counted_and_logged_at_a_bounded_rate() {
+    crate::ratelimit::tests::capture_logs();
+    let image = image();
+    let mut r = rig_over(image, "flood-blk");
+    r.m.avail().idx().store(1000u16.to_le());
+    const N: u64 = 1000;
+    for _ in 0..N {
+        assert_eq!(r.dev.process_queue(), 0);
+    }
+    assert_eq!(r.dev.stats().invalid_avail_idx, N, "every notification counted");
+    let lines = crate::ratelimit::tests::logged("flood-blk");
+    assert!(
+        !lines.is_empty() && lines.len() <= crate::ratelimit::BURST as usize,
+        "{lines:?}"
+    );
+    assert!(
+        crate::ratelimit::tests::logged("Iterator error").is_empty(),
+        "virtio-queue's own line is never reached"
+    );
+    // A driver that puts it right is served again.
+    r.m.avail().idx().store(0);
+    r.header(T_IN, 1);
+    assert_eq!(r.submit(&req(512, true)), (513, S_OK));
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path) -> Result<Self, String> {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_block_device_has_its_size_as_capacity() {
+    let image = TempFile::new().unwrap();
+    let size: u64 = (2 << 20) + 8 * SECTOR_SIZE;
+    image.as_file().set_len(size).unwrap();
+    let dev = match LoopDevice::attach(image.as_path()) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(
+                std::env::var("FLATLET_REQUIRE_HOST").as_deref() != Ok("1"),
+                "FLATLET_REQUIRE_HOST=1 but no loop device: {e}"
+            );
+            writeln!(
+                io::stderr(),
+                "SKIPPED a_block_device_has_its_size_as_capacity: {e} (needs root and losetup)"
+            )
+            .unwrap();
+            return;
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev.0)
+        .unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_block_device(
+        &file.metadata().unwrap().file_type()
+    ));
+    let mut block = Block::new(file, false, CacheType::Unsafe, "loop").unwrap();
+    assert_eq!(block.sectors(), size / SECTOR_SIZE);
+    let mut cap = [0u8; 8];
+    block.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), size / SECTOR_SIZE);
+    // PATCH /drives onto a block device too.
+    let again = File::open(&dev.0).unwrap();
+    block.replace_image(again).unwrap();
+    assert_eq!(block.sectors(), size / SECTOR_SIZE);
+}
