@@ -49,6 +49,9 @@ impl From<ControllerError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread exists: the allocator must stay within
+    // every thread's seccomp filter (see the function).
+    flatlet_vmm::sys::single_malloc_arena();
     let cli = Cli::parse();
     flatlet_vmm::logger::init(cli.common.log_level);
     if cli.common.no_seccomp {

@@ -216,3 +216,19 @@ pub fn cloexec_inherited_fds() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Keeps the allocator inside the seccomp policy: every thread allocates
+/// from glibc's main arena, which grows and shrinks with `brk` (and takes
+/// large blocks with `mmap`/`munmap`), never from per-thread arenas.
+///
+/// A per-thread arena lives in `mmap`ed heaps, and glibc trims those
+/// through `shrink_heap`, which opens `/proc/sys/vm/overcommit_memory`
+/// the first time: a call no thread's filter allows (it killed flatlet
+/// under light API load). flatlet has few threads, so one arena costs
+/// nothing measurable in contention. Call before any thread starts.
+pub fn single_malloc_arena() -> bool {
+    // SAFETY: mallopt(3) only changes a glibc malloc parameter; with
+    // M_ARENA_MAX it takes an int and touches no memory of the caller.
+    // Called before any other thread exists, so no allocation races it.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
+}
