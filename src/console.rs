@@ -1,5 +1,20 @@
 //! The host side of the guest console: stdout for output, stdin for input
 //! (in raw mode when it is a terminal, restored on exit).
+//!
+//! Guest output is written on vCPU threads and must never wait for
+//! whoever reads stdout (a pipe nobody reads would otherwise stop the
+//! vCPU, and then everything that waits for it). So stdout is written
+//! without blocking, and the UART keeps a bounded buffer in front of it
+//! (`flatlet_devices::serial`): output that finds both full is dropped and
+//! counted (`uart.missed_write_count` in the metrics). No thread is added
+//! for this: the buffer is written out by the vCPU thread at the guest's
+//! next UART access (or the next console input), which is never a wait.
+//!
+//! Non-blocking without touching what others share: a pipe, FIFO or
+//! terminal on stdout is opened again (a new open file description, see
+//! `flatlet_vmm::logger::nonblocking_stdio`), so that `O_NONBLOCK` does
+//! not reach the shell or pipeline flatlet runs in; a regular file needs
+//! no change.
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -58,7 +73,14 @@ pub fn input() -> Option<File> {
         .ok()
 }
 
-/// Where guest output goes: stdout, flushed as the guest writes.
+/// Where guest output goes: stdout, written without blocking (nothing,
+/// with a warning, if stdout cannot be had).
 pub fn output() -> Box<dyn Write + Send> {
-    Box::new(std::io::stdout())
+    match flatlet_vmm::logger::nonblocking_stdio(std::io::stdout().as_fd()) {
+        Ok(f) => Box::new(f),
+        Err(e) => {
+            warn!("guest console output disabled: {e}");
+            Box::new(std::io::sink())
+        }
+    }
 }

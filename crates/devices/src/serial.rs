@@ -1,10 +1,19 @@
 //! The 8250/16550A UART (COM1 at 0x3f8, IRQ 4), on vm-superio's model.
 //!
-//! Guest output goes to a writer (the VMM's stdout) as it is written. Host
-//! input is queued into the UART's 64-byte FIFO by the VMM thread; when the
-//! guest has drained the FIFO, the `input_ready` eventfd tells the VMM to
-//! send more, so no input byte is dropped.
+//! Guest output is written on the vCPU thread, with the UART's lock held,
+//! so it must never wait for the host's console: it goes into a bounded
+//! buffer ([`ConsoleOutput`], [`OUTPUT_BUFFER`] bytes) in front of a
+//! non-blocking writer (the VMM's stdout). The buffer is written out as
+//! far as the writer takes it at each UART access; what does not fit in
+//! the buffer is dropped and counted (`missed_write_count`, as
+//! Firecracker's `uart` metrics). A stdout nobody reads thus costs guest
+//! output, never a stalled vCPU.
+//!
+//! Host input is queued into the UART's 64-byte FIFO by the VMM thread;
+//! when the guest has drained the FIFO, the `input_ready` eventfd tells the
+//! VMM to send more, so no input byte is dropped.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use log::warn;
@@ -13,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
+use crate::ratelimit::LogLimiter;
 
 /// Port of COM1.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -39,25 +49,145 @@ impl SerialEvents for InputEvents {
     }
 }
 
+/// Guest output the buffer holds at most while the host's console takes
+/// none.
+pub const OUTPUT_BUFFER: usize = 64 * 1024;
+
+/// Guest output on its way to the host: a bounded buffer in front of a
+/// writer that must not block (a non-blocking file, or a regular file).
+///
+/// Writes go into the buffer (what does not fit is dropped and counted);
+/// `flush` (vm-superio calls it after each byte) writes the buffer out as
+/// far as the writer takes it now, and keeps the rest for later.
+pub struct ConsoleOutput {
+    out: Box<dyn Write + Send>,
+    buf: VecDeque<u8>,
+    capacity: usize,
+    /// Bytes the guest wrote.
+    accepted: u64,
+    /// Bytes dropped: the buffer was full, or the writer failed.
+    missed: u64,
+    log: LogLimiter,
+}
+
+impl ConsoleOutput {
+    /// A buffer of `capacity` bytes in front of `out`.
+    pub fn new(out: Box<dyn Write + Send>, capacity: usize) -> Self {
+        Self {
+            out,
+            buf: VecDeque::new(),
+            capacity,
+            accepted: 0,
+            missed: 0,
+            log: LogLimiter::new("serial".into()),
+        }
+    }
+
+    /// Writes out what the writer takes now.
+    pub fn drain(&mut self) {
+        while !self.buf.is_empty() {
+            let (front, _) = self.buf.as_slices();
+            match self.out.write(front) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.buf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // A closed pipe, a full disk: what waits is lost.
+                    self.missed += self.buf.len() as u64;
+                    self.buf.clear();
+                    self.log.warn(format_args!(
+                        "guest output lost ({} bytes so far): {e}",
+                        self.missed
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Bytes waiting for the writer.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes dropped so far.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let take = data.len().min(self.capacity.saturating_sub(self.buf.len()));
+        self.buf.extend(&data[..take]);
+        self.accepted += data.len() as u64;
+        self.missed += (data.len() - take) as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.drain();
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleOutput {
+    fn drop(&mut self) {
+        // A last try, without waiting: flatlet is ending.
+        self.drain();
+        let _ = self.out.flush();
+    }
+}
+
 /// A UART on the port bus.
 pub struct Serial {
-    uart: vm_superio::Serial<IrqLine, InputEvents, Box<dyn Write + Send>>,
-    lost_output: u64,
+    uart: vm_superio::Serial<IrqLine, InputEvents, ConsoleOutput>,
+    log: LogLimiter,
 }
 
 impl Serial {
-    /// A UART raising `irq`, writing guest output to `out`, and signalling
-    /// `input_ready` (if any) when it can take more input.
+    /// A UART raising `irq`, writing guest output to `out` (which must not
+    /// block: a non-blocking or regular file) through a buffer of
+    /// [`OUTPUT_BUFFER`] bytes, and signalling `input_ready` (if any) when
+    /// it can take more input.
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>, input_ready: Option<EventFd>) -> Self {
+        Self::with_buffer(irq, out, input_ready, OUTPUT_BUFFER)
+    }
+
+    /// The same, with an output buffer of `capacity` bytes.
+    pub fn with_buffer(
+        irq: IrqLine,
+        out: Box<dyn Write + Send>,
+        input_ready: Option<EventFd>,
+        capacity: usize,
+    ) -> Self {
+        let out = ConsoleOutput::new(out, capacity);
         Self {
             uart: vm_superio::Serial::with_events(irq, InputEvents { input_ready }, out),
-            lost_output: 0,
+            log: LogLimiter::new("serial".into()),
+        }
+    }
+
+    /// The counters, for metrics (Firecracker's `uart` names).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let out = self.uart.writer();
+        vec![("write_count", out.accepted), ("missed_write_count", out.missed)]
+    }
+
+    /// Writes out buffered guest output, as far as the host takes it now.
+    fn drain_output(&mut self) {
+        let out = self.uart.writer_mut();
+        if out.pending() > 0 {
+            out.drain();
         }
     }
 
     /// Queues host input for the guest; returns how many bytes of `input`
     /// the FIFO took (0 when it is full: call again after `input_ready`).
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        self.drain_output();
         if self.uart.fifo_capacity() == 0 {
             return 0;
         }
@@ -75,7 +205,7 @@ impl Serial {
         self.uart.fifo_capacity()
     }
 
-    /// Flushes the output writer.
+    /// Writes out buffered output as far as the host takes it now.
     pub fn flush(&mut self) -> io::Result<()> {
         self.uart.writer_mut().flush()
     }
@@ -83,6 +213,8 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A guest polling the line status gets its earlier output out.
+        self.drain_output();
         data.fill(0);
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             *byte = self.uart.read(offset);
@@ -93,17 +225,14 @@ impl BusDevice for Serial {
         let ([value], Ok(offset)) = (data, u8::try_from(offset)) else {
             return;
         };
+        if offset != 0 {
+            // (A data write drains after queueing its byte.)
+            self.drain_output();
+        }
+        // The output buffer takes every byte (dropping what does not fit);
+        // what can fail is raising the interrupt.
         if let Err(e) = self.uart.write(offset, *value) {
-            // Output the host cannot take (a closed pipe, say) is dropped:
-            // the guest must never stall or crash the VMM through it. Say
-            // so once, then every 64 Ki bytes.
-            if self.lost_output % 65536 == 0 {
-                warn!(
-                    "serial: guest output lost ({} bytes so far): {e:?}",
-                    self.lost_output + 1
-                );
-            }
-            self.lost_output += 1;
+            self.log.warn(format_args!("register write: {e:?}"));
         }
     }
 }
@@ -131,6 +260,27 @@ mod tests {
     impl Write for Broken {
         fn write(&mut self, _: &[u8]) -> io::Result<usize> {
             Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A pipe nobody reads: it takes `room` bytes, then would block.
+    #[derive(Clone, Default)]
+    struct Pipe {
+        room: Arc<Mutex<usize>>,
+        got: SharedBuf,
+    }
+    impl Write for Pipe {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            if *room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = b.len().min(*room);
+            *room -= n;
+            self.got.write(&b[..n])
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
@@ -183,11 +333,55 @@ mod tests {
         for _ in 0..3 {
             s.write(0, b"x");
         }
-        assert_eq!(s.lost_output, 3);
+        assert_eq!(s.uart.writer().missed(), 3);
+        assert!(s.counters().contains(&("missed_write_count", 3)));
         s.write(0, b"xy");
         s.write(0x1_0000, b"x");
         let mut d = [0xffu8; 2];
         s.read(0, &mut d);
         assert_eq!(d, [0, 0]);
+    }
+
+    #[test]
+    fn output_nobody_reads_is_buffered_then_dropped_and_counted() {
+        let pipe = Pipe::default();
+        *pipe.room.lock().unwrap() = 100;
+        let mut s = Serial::with_buffer(line(), Box::new(pipe.clone()), None, 1000);
+        const N: usize = 100_000;
+        let start = std::time::Instant::now();
+        for i in 0..N {
+            s.write(0, &[b'a' + (i % 26) as u8]);
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(pipe.got.0.lock().unwrap().len(), 100, "what the pipe took");
+        assert_eq!(s.uart.writer().pending(), 1000, "the buffer is full");
+        assert!(s.counters().contains(&("write_count", N as u64)));
+        assert!(s.counters().contains(&("missed_write_count", (N - 1100) as u64)));
+        // Once the reader reads, the next access writes the buffer out,
+        // in order after what went before.
+        *pipe.room.lock().unwrap() = usize::MAX;
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        let got = pipe.got.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1100);
+        let expected: Vec<u8> = (0..1100).map(|i| b'a' + (i % 26) as u8).collect();
+        assert_eq!(got, expected);
+        assert_eq!(s.uart.writer().pending(), 0);
+    }
+
+    #[test]
+    fn buffered_output_is_written_out_when_the_uart_goes() {
+        let pipe = Pipe::default();
+        let s = {
+            let mut s = Serial::with_buffer(line(), Box::new(pipe.clone()), None, 1000);
+            for b in b"bye\n" {
+                s.write(0, &[*b]);
+            }
+            s
+        };
+        assert!(pipe.got.0.lock().unwrap().is_empty());
+        *pipe.room.lock().unwrap() = usize::MAX;
+        drop(s);
+        assert_eq!(&*pipe.got.0.lock().unwrap(), b"bye\n");
     }
 }

@@ -392,7 +392,7 @@ impl Controller {
             .map(|vm| {
                 vm.virtio
                     .iter()
-                    .map(|s| (s.id.clone(), flatlet_devices::bus::lock(&s.device).counters()))
+                    .map(|s| (s.id.clone(), s.counters()))
                     .collect()
             })
             .unwrap_or_default();
@@ -401,6 +401,9 @@ impl Controller {
             exits: vm.map(Vm::exit_counters),
             devices,
             guest_boot_us: vm.and_then(Vm::boot_time).map(|d| d.as_micros()),
+            uart: vm
+                .map(|vm| flatlet_devices::bus::lock(&vm.serial).counters())
+                .unwrap_or_default(),
         };
         sink.write(&snapshot)
             .map_err(|e| ControllerError::Io(format!("cannot write metrics: {e}")))?;

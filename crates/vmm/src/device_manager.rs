@@ -20,7 +20,7 @@ use flatlet_devices::bus::{Bus, BusError, lock};
 use flatlet_devices::irq::IrqLine;
 use flatlet_devices::virtio::VirtioDevice;
 use flatlet_devices::virtio::block::{self, Block};
-use flatlet_devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use flatlet_devices::virtio::mmio::{MmioStats, MmioTransport, REG_QUEUE_NOTIFY};
 use flatlet_devices::virtio::net::{Net, VNET_HDR_LEN};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::{debug, info, warn};
@@ -81,6 +81,17 @@ pub struct VirtioSlot {
     pub device: Arc<Mutex<dyn VirtioDevice>>,
     /// The block device, for drive updates (None for other devices).
     pub block: Option<Arc<Mutex<Block>>>,
+    /// What the driver got wrong at the transport.
+    pub mmio: Arc<MmioStats>,
+}
+
+impl VirtioSlot {
+    /// The device's counters and its transport's, for metrics.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut c = lock(&self.device).counters();
+        c.extend(self.mmio.counters());
+        c
+    }
 }
 
 /// The placed devices and what the kernel command line needs for them.
@@ -174,6 +185,7 @@ pub fn attach(
             mem.clone(),
             IrqLine::new(chip.controller.clone(), irq as usize),
         );
+        let mmio_stats = transport.stats();
         mmio.insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SIZE)?;
         cmdline.push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
         slots.push(VirtioSlot {
@@ -182,6 +194,7 @@ pub fn attach(
             irq,
             device,
             block,
+            mmio: mmio_stats,
         });
     }
     // Keep root= after the devices, as Firecracker does.

@@ -1,9 +1,11 @@
 //! Metrics: counters of the VMM, its vCPUs and devices, written as one
 //! JSON object per line to the file `PUT /metrics` names, on
 //! `FlushMetrics` and every minute.
+//!
+//! The file is a [`Sink`]: written without blocking, so a FIFO nobody
+//! reads costs a dropped line (`logger.missed_metrics_count`), never a
+//! stalled VMM thread.
 
-use std::fs::File;
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::config::ConfigError;
+use crate::logger::{self, Sink, Written};
 
 /// How often metrics are written without being asked.
 pub const FLUSH_INTERVAL_SECS: u64 = 60;
@@ -67,32 +70,48 @@ pub struct RequestCounters {
 
 /// Where metrics go.
 pub struct MetricsSink {
-    file: File,
+    sink: Sink,
     start: Instant,
     flushes: u64,
+    missed: u64,
 }
 
 impl MetricsSink {
-    /// Opens the metrics file (appending).
+    /// Opens the metrics file (appending; a FIFO must have a reader).
     pub fn open(c: &MetricsConfig) -> Result<Self, ConfigError> {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&c.metrics_path)
-            .map_err(|e| ConfigError::Unreadable {
-                what: "metrics file",
-                path: c.metrics_path.clone(),
-                reason: e.to_string(),
-            })?;
         Ok(Self {
-            file,
+            sink: Sink::open(&c.metrics_path, "metrics file")?,
             start: Instant::now(),
             flushes: 0,
+            missed: 0,
         })
     }
 
-    /// Writes one line of metrics.
+    /// Lines that could not be written.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+
+    /// Writes one line of metrics; a line the file cannot take now (a
+    /// full FIFO) is dropped and counted, and is not an error.
     pub fn write(&mut self, snapshot: &Snapshot<'_>) -> std::io::Result<()> {
+        let mut line = self.line(snapshot).to_string();
+        line.push('\n');
+        match self.sink.write_record(line.as_bytes()) {
+            Ok(Written::Whole) => Ok(()),
+            Ok(Written::Dropped) => {
+                self.missed += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.missed += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// The JSON object of one flush.
+    fn line(&mut self, snapshot: &Snapshot<'_>) -> Value {
         self.flushes += 1;
         let utc_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -112,22 +131,36 @@ impl MetricsSink {
         let devices: Map<String, Value> = snapshot
             .devices
             .iter()
-            .map(|(id, counters)| {
-                let c: Map<String, Value> = counters
-                    .iter()
-                    .map(|(k, v)| ((*k).to_string(), json!(v)))
-                    .collect();
-                (id.clone(), Value::Object(c))
-            })
+            .map(|(id, counters)| (id.clone(), counters_json(counters)))
             .collect();
         m.insert("devices".into(), Value::Object(devices));
         if let Some(us) = snapshot.guest_boot_us {
             m.insert("guest_boot_time_us".into(), json!(us));
         }
-        let mut line = Value::Object(m).to_string();
-        line.push('\n');
-        self.file.write_all(line.as_bytes())
+        if !snapshot.uart.is_empty() {
+            m.insert("uart".into(), counters_json(&snapshot.uart));
+        }
+        let log = logger::counters();
+        m.insert(
+            "logger".into(),
+            json!({
+                "missed_log_count": log.missed,
+                "rate_limited_log_count": log.rate_limited,
+                "missed_metrics_count": self.missed,
+            }),
+        );
+        Value::Object(m)
     }
+}
+
+/// A list of counters as a JSON object.
+fn counters_json(counters: &[(&'static str, u64)]) -> Value {
+    Value::Object(
+        counters
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), json!(v)))
+            .collect(),
+    )
 }
 
 /// What a flush reports.
@@ -140,6 +173,8 @@ pub struct Snapshot<'a> {
     pub devices: Vec<(String, Vec<(&'static str, u64)>)>,
     /// The boot time the guest signalled.
     pub guest_boot_us: Option<u128>,
+    /// The console UART's counters (once a VM runs).
+    pub uart: Vec<(&'static str, u64)>,
 }
 
 #[cfg(test)]
@@ -166,6 +201,7 @@ mod tests {
                 exits: Some(&exits),
                 devices: vec![("rootfs".into(), vec![("reads", 7)])],
                 guest_boot_us: Some(1234),
+                uart: vec![("missed_write_count", 5)],
             })
             .unwrap();
         }
@@ -177,11 +213,78 @@ mod tests {
         assert_eq!(lines[0]["vcpu"]["exit_io_out"], 1);
         assert_eq!(lines[0]["devices"]["rootfs"]["reads"], 7);
         assert_eq!(lines[0]["guest_boot_time_us"], 1234);
+        assert_eq!(lines[0]["uart"]["missed_write_count"], 5);
+        assert_eq!(lines[1]["logger"]["missed_metrics_count"], 0);
         assert!(
             MetricsSink::open(&MetricsConfig {
                 metrics_path: "/nonexistent/m".into()
             })
             .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+    use crate::logger::tests::{Dir, idle_reader, within};
+    use std::time::Duration;
+
+    fn snapshot(requests: &RequestCounters) -> Snapshot<'_> {
+        Snapshot {
+            requests,
+            exits: None,
+            devices: vec![("rootfs".into(), vec![("reads", 7)])],
+            guest_boot_us: None,
+            uart: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_fifo_without_a_reader_is_refused_at_once() {
+        let dir = Dir::new("metrics-noreader");
+        let metrics_path = dir.fifo("m.fifo");
+        let err = within(Duration::from_secs(5), move || {
+            MetricsSink::open(&MetricsConfig { metrics_path }).err()
+        })
+        .expect("no reader: refused");
+        assert!(
+            err.to_string().contains("no process has open for reading"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_full_fifo_drops_lines_and_counts_them_instead_of_blocking() {
+        let dir = Dir::new("metrics-full");
+        let metrics_path = dir.fifo("m.fifo");
+        let mut reader = idle_reader(&metrics_path);
+        let mut sink = MetricsSink::open(&MetricsConfig { metrics_path }).unwrap();
+        const N: u64 = 5000;
+        let sink = within(Duration::from_secs(10), move || {
+            let requests = RequestCounters::default();
+            for _ in 0..N {
+                sink.write(&snapshot(&requests)).unwrap();
+            }
+            sink
+        });
+        let missed = sink.missed();
+        assert!(missed > 0 && missed < N, "{missed} of {N} dropped");
+        // The lines that went through are whole JSON objects.
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut buf);
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text.lines().count() as u64, N - missed);
+        for l in text.lines() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["devices"]["rootfs"]["reads"], 7);
+        }
+        // Once there is room, the next line says how many were lost.
+        let mut sink = sink;
+        sink.write(&snapshot(&RequestCounters::default())).unwrap();
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut buf);
+        let last: Value = serde_json::from_str(String::from_utf8(buf).unwrap().trim_end()).unwrap();
+        assert_eq!(last["logger"]["missed_metrics_count"], missed);
     }
 }
