@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use flatlet_vmm::config::devices::{parse_drive_option, parse_net_option, validate_drives, validate_nets};
+use flatlet_vmm::config::devices::{
+    parse_drive_option, parse_net_option, validate_count, validate_drives, validate_nets,
+};
 use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kernel, MachineConfig};
 use flatlet_vmm::controller::{Controller, ControllerError, Request};
 use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
@@ -130,6 +132,8 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         drives = file.drives;
         nets = file.network_interfaces;
     }
+    // Limits first, so that a huge file is refused at once, by its count.
+    validate_count(drives.len() + args.drives.len(), nets.len() + args.nets.len())?;
     for spec in &args.drives {
         drives.push(parse_drive_option(spec, drives.len())?);
     }

@@ -48,9 +48,10 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
         std::env::var("FLATLET_LINUX_KERNEL"),
         std::env::var("FLATLET_LINUX_ROOTFS"),
     ) else {
-        eprintln!(
-            "SKIPPED {TEST}: FLATLET_LINUX_KERNEL and FLATLET_LINUX_ROOTFS are not set \
-             (tools/test sets them from tools/build-linux-guest)"
+        common::skip(
+            TEST,
+            "FLATLET_LINUX_KERNEL and FLATLET_LINUX_ROOTFS are not set \
+             (tools/test sets them from tools/build-linux-guest)",
         );
         return;
     };

@@ -300,7 +300,7 @@ fn policy_matches_what_flatlet_calls() {
         return;
     }
     if !strace_available() {
-        eprintln!("SKIPPED policy_matches_what_flatlet_calls: strace is not installed");
+        common::skip("policy_matches_what_flatlet_calls", "strace is not installed");
         return;
     }
     let dir = TempDir::new("seccomp");

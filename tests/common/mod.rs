@@ -3,6 +3,8 @@
 //! test needs.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+pub mod vmm;
+
 use std::io::Read;
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
@@ -91,7 +93,24 @@ pub fn wait(mut child: Child, limit: Duration) -> Output {
     }
 }
 
-/// Whether /dev/kvm can be used; prints why a test is skipped when not.
+/// Whether host prerequisites are required (CI sets
+/// `FLATLET_REQUIRE_HOST=1`): then a missing one fails the test.
+pub fn host_required() -> bool {
+    std::env::var("FLATLET_REQUIRE_HOST").is_ok_and(|v| v == "1")
+}
+
+/// Reports that `test` cannot run here. Under `FLATLET_REQUIRE_HOST=1`
+/// that is a failure; elsewhere a skip, printed where cargo's output
+/// capture does not hide it (libtest captures only the print macros).
+pub fn skip(test: &str, why: &str) {
+    if host_required() {
+        panic!("{test}: {why} (FLATLET_REQUIRE_HOST=1: a missing prerequisite is a failure)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// Whether /dev/kvm can be used; reports a skip when not.
 pub fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -100,7 +119,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            skip(test, &format!("/dev/kvm is not usable here ({e})"));
             false
         }
     }
@@ -204,15 +223,15 @@ pub fn can_do_tap_tests(test: &str) -> bool {
         return false;
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED {test}: needs root to create a network namespace and a TAP device");
+        skip(test, "needs root to create a network namespace and a TAP device");
         return false;
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED {test}: /dev/net/tun is missing (modprobe tun)");
+        skip(test, "/dev/net/tun is missing (modprobe tun)");
         return false;
     }
     if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED {test}: the ip command (iproute2) is missing");
+        skip(test, "the ip command (iproute2) is missing");
         return false;
     }
     true

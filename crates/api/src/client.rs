@@ -61,6 +61,13 @@ impl Client {
 
     /// Sends `method path` with an optional JSON body.
     pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Result<Reply, ClientError> {
+        // Anything else would be sent as another request than the one
+        // meant (`machine-config` went out as `GET /`).
+        if !path.starts_with('/') {
+            return Err(ClientError::Http(format!(
+                "the path {path:?} does not start with '/' (try \"/{path}\")"
+            )));
+        }
         let req = hyper::Request::builder()
             .method(method.to_ascii_uppercase().as_str())
             .uri(path)

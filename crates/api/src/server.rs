@@ -8,6 +8,7 @@
 //! every connection is a task of its own, so a slow or vanished client
 //! stalls only itself.
 
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub enum ServerError {
     /// The socket path is taken by a live server.
     #[error("the API socket {0} is in use by another process")]
     InUse(String),
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket: flatlet replaces only a stale API socket")]
+    NotASocket(String),
     /// The socket cannot be made.
     #[error("cannot create the API socket {path}: {source}")]
     Bind { path: String, source: std::io::Error },
@@ -55,15 +59,25 @@ pub enum ServerError {
     Seccomp(String),
 }
 
-/// Binds the API socket. A stale socket file (nobody listening) is
-/// replaced; a live one is an error.
+/// Binds the API socket. Only a stale socket (a socket file nobody
+/// listens on) is replaced; a live one, or anything that is not a socket
+/// (a file, a directory, a symbolic link, ...), is refused and left as it
+/// is.
 pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let shown = path.display().to_string();
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse(shown));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(shown));
+            }
+            std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+                path: shown.clone(),
+                source,
+            })?;
         }
-        let _ = std::fs::remove_file(path);
+        Ok(_) => return Err(ServerError::NotASocket(shown)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ServerError::Bind { path: shown, source }),
     }
     UnixListener::bind(path).map_err(|source| ServerError::Bind { path: shown, source })
 }
@@ -102,6 +116,8 @@ impl ApiThread {
 /// caller checks the outcome with [`ApiThread::wait_ready`].
 pub fn spawn(listener: UnixListener, vmm: ApiSender, max_payload: usize) -> Result<ApiThread, ServerError> {
     listener.set_nonblocking(true).map_err(ServerError::Thread)?;
+    // Read here: the API thread's filter does not allow getrlimit.
+    let cap = connection_cap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("fl_api".into())
@@ -111,7 +127,7 @@ pub fn spawn(listener: UnixListener, vmm: ApiSender, max_payload: usize) -> Resu
             let ok = filtered.is_ok();
             let _ = ready_tx.send(filtered.map_err(|e| e.to_string()));
             if ok {
-                serve(listener, vmm, max_payload);
+                serve(listener, vmm, max_payload, cap);
             }
         })
         .map_err(ServerError::Thread)?;
@@ -121,7 +137,7 @@ pub fn spawn(listener: UnixListener, vmm: ApiSender, max_payload: usize) -> Resu
     })
 }
 
-fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
+fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize, cap: usize) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -142,6 +158,7 @@ fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
             }
         };
         let vmm = Arc::new(vmm);
+        let mut live = Connections::new(cap);
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -152,6 +169,8 @@ fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
                     continue;
                 }
             };
+            let (id, close) = live.add();
+            let ended = live.ended.clone();
             let vmm = vmm.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| handle(req, vmm.clone(), max_payload));
@@ -160,12 +179,90 @@ fn serve(listener: UnixListener, vmm: ApiSender, max_payload: usize) {
                     .header_read_timeout(HEADER_TIMEOUT)
                     .max_buf_size(MAX_HEADER_BUF)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
+                let mut conn = std::pin::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = close.notified() => {
+                        // Evicted for a newer client: an idle connection
+                        // closes now, a busy one after its request.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
                     debug!("API server: connection ended: {e}");
+                }
+                if let Ok(mut ended) = ended.lock() {
+                    ended.push(id);
                 }
             });
         }
     });
+}
+
+/// Most API connections served at once, whatever the descriptor limit.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Descriptors kept for the VM (KVM, vCPUs, eventfds, images, TAPs) and
+/// for flatlet's own files, out of reach of API clients.
+pub const FD_RESERVE: u64 = 512;
+/// Fewest connections served at once, however low the descriptor limit.
+const MIN_CONNECTIONS: usize = 8;
+
+/// How many connections to serve at once: at most [`MAX_CONNECTIONS`],
+/// and no more than the descriptor limit leaves after [`FD_RESERVE`].
+pub fn connection_cap() -> usize {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    cap_for(nofile)
+}
+
+fn cap_for(nofile: u64) -> usize {
+    let spare = usize::try_from(nofile.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    spare.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
+}
+
+/// The connections being served, oldest first. At the cap, a new client
+/// does not wait: the oldest connection is asked to close (at once if it
+/// is idle, after its request if not), so idle or slow clients can hold
+/// neither descriptors nor newcomers up.
+struct Connections {
+    cap: usize,
+    next: u64,
+    live: std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>,
+    /// Connections that ended since the last `add`.
+    ended: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Connections {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            next: 0,
+            live: std::collections::BTreeMap::new(),
+            ended: Arc::default(),
+        }
+    }
+
+    /// Registers a new connection; evicts the oldest at the cap.
+    fn add(&mut self) -> (u64, Arc<tokio::sync::Notify>) {
+        if let Ok(mut ended) = self.ended.lock() {
+            for id in ended.drain(..) {
+                self.live.remove(&id);
+            }
+        }
+        while self.live.len() >= self.cap {
+            let Some((old, close)) = self.live.pop_first() else {
+                break;
+            };
+            debug!("API server: {} connections: closing the oldest ({old})", self.cap);
+            close.notify_one();
+        }
+        let id = self.next;
+        self.next += 1;
+        let close = Arc::new(tokio::sync::Notify::new());
+        self.live.insert(id, close.clone());
+        (id, close)
+    }
 }
 
 fn response(status: u16, body: Option<String>) -> HttpResponse<Full<Bytes>> {
@@ -193,6 +290,15 @@ async fn handle(
     max_payload: usize,
 ) -> Result<HttpResponse<Full<Bytes>>, std::convert::Infallible> {
     let method = req.method().as_str().to_string();
+    // Only origin-form targets (`/machine-config`): an authority-form or
+    // absolute one would otherwise be served as `/`.
+    if req.uri().authority().is_some() || !req.uri().to_string().starts_with('/') {
+        let (s, b) = routes::fault(&format!(
+            "Invalid request target {:?}: it must start with '/'.",
+            req.uri()
+        ));
+        return Ok(response(s, b));
+    }
     let path = req.uri().path().to_string();
     let declared = req
         .headers()
@@ -249,4 +355,46 @@ async fn handle(
         ),
     };
     Ok(response(status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_descriptors_for_the_vm() {
+        assert_eq!(cap_for(2048), MAX_CONNECTIONS);
+        assert_eq!(cap_for(700), 700 - FD_RESERVE as usize);
+        assert_eq!(cap_for(100), MIN_CONNECTIONS);
+    }
+
+    #[test]
+    fn the_oldest_connection_is_asked_to_close_at_the_cap() {
+        let mut c = Connections::new(3);
+        let (a, close_a) = c.add();
+        let (_, close_b) = c.add();
+        let (_, _) = c.add();
+        let (_, _) = c.add();
+        assert_eq!(c.live.len(), 3);
+        assert!(!c.live.contains_key(&a));
+        // The evicted one has a permit waiting; the others have none.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), close_a.notified())
+                .await
+                .unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), close_b.notified())
+                    .await
+                    .is_err()
+            );
+        });
+        // An ended connection frees its place without an eviction.
+        c.ended.lock().unwrap().push(1);
+        c.add();
+        assert_eq!(c.live.len(), 3);
+    }
 }

@@ -352,29 +352,60 @@ impl Controller {
     }
 
     fn pause(&mut self) -> Result<Response, ControllerError> {
-        let state = std::mem::replace(&mut self.state, State::NotStarted);
-        self.state = match state {
-            State::Running(vm) => {
-                vm.pause().map_err(ControllerError::Vcpu)?;
-                info!("VM paused");
-                State::Paused(vm)
-            }
+        let State::Running(vm) = &self.state else {
+            return Ok(Response::Empty);
+        };
+        if let Err(e) = vm.pause() {
+            return Err(self.undo_failed(VcpuCommandKind::Pause, e));
+        }
+        info!("VM paused");
+        self.state = match std::mem::replace(&mut self.state, State::Exited) {
+            State::Running(vm) => State::Paused(vm),
             other => other,
         };
         Ok(Response::Empty)
     }
 
     fn resume(&mut self) -> Result<Response, ControllerError> {
-        let state = std::mem::replace(&mut self.state, State::NotStarted);
-        self.state = match state {
-            State::Paused(vm) => {
-                vm.resume().map_err(ControllerError::Vcpu)?;
-                info!("VM resumed");
-                State::Running(vm)
-            }
+        let State::Paused(vm) = &self.state else {
+            return Ok(Response::Empty);
+        };
+        if let Err(e) = vm.resume() {
+            return Err(self.undo_failed(VcpuCommandKind::Resume, e));
+        }
+        info!("VM resumed");
+        self.state = match std::mem::replace(&mut self.state, State::Exited) {
+            State::Paused(vm) => State::Running(vm),
             other => other,
         };
         Ok(Response::Empty)
+    }
+
+    /// After a pause or resume that not every vCPU carried out: a pause is
+    /// undone (every vCPU resumed: the VM stays `Running`); when that
+    /// fails too, or a resume failed, the VM is ended with the reason, and
+    /// the event loop reports it and exits. Never a state nobody knows.
+    fn undo_failed(&mut self, what: VcpuCommandKind, error: String) -> ControllerError {
+        let vm = match &self.state {
+            State::Running(vm) | State::Paused(vm) => vm,
+            _ => return ControllerError::Vcpu(error),
+        };
+        log::warn!("{what:?} failed: {error}");
+        if what == VcpuCommandKind::Pause {
+            match vm.resume() {
+                Ok(()) => {
+                    return ControllerError::Vcpu(format!(
+                        "Failed to pause the microVM ({error}); it goes on running."
+                    ));
+                }
+                Err(e) => log::warn!("cannot resume after a failed pause: {e}"),
+            }
+        }
+        vm.exit
+            .report(VmExit::VcpusUnresponsive(format!("{what:?}: {error}")));
+        ControllerError::Vcpu(format!(
+            "Failed to {what:?} the microVM ({error}); it has been ended."
+        ))
     }
 
     /// Writes a line of metrics, if a metrics file is set.
@@ -389,12 +420,7 @@ impl Controller {
             _ => None,
         };
         let devices = vm
-            .map(|vm| {
-                vm.virtio
-                    .iter()
-                    .map(|s| (s.id.clone(), s.counters()))
-                    .collect()
-            })
+            .map(|vm| vm.virtio.iter().map(|s| (s.id.clone(), s.counters())).collect())
             .unwrap_or_default();
         let snapshot = Snapshot {
             requests: &self.counters,
@@ -436,6 +462,13 @@ impl Controller {
         }
         self.poll_exit().unwrap_or(reason)
     }
+}
+
+/// The vCPU commands the API can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VcpuCommandKind {
+    Pause,
+    Resume,
 }
 
 /// Replaces the element `same` as `new`, or appends `new`.

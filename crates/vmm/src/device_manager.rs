@@ -10,7 +10,7 @@
 //! interrupts go through KVM_SIGNAL_MSI, so nothing waits for those KVM
 //! calls (which cost milliseconds each on some nested hosts).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -41,11 +41,11 @@ pub const FIRST_VIRTIO_IRQ: u32 = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// A drive's image cannot be opened.
-    #[error("drive {id}: cannot open {path}: {source}")]
+    #[error("drive {id}: cannot open {path}: {reason}")]
     DriveOpen {
         id: String,
         path: String,
-        source: std::io::Error,
+        reason: String,
     },
     /// A block device could not be made.
     #[error("drive {id}: {source}")]
@@ -104,15 +104,15 @@ pub struct VirtioDevices {
 }
 
 /// Opens a drive's image, writable unless the drive is read-only.
+/// The same check as the configuration's (`PUT` and `PATCH /drives` take
+/// the same files): a regular file or block device, opened without
+/// blocking.
 fn open_image(id: &str, path: &Path, read_only: bool) -> Result<File, DeviceError> {
-    OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|source| DeviceError::DriveOpen {
+    crate::config::files::open_checked(path, !read_only, crate::config::files::Accept::FileOrBlockDevice)
+        .map_err(|reason| DeviceError::DriveOpen {
             id: id.to_string(),
             path: path.display().to_string(),
-            source,
+            reason,
         })
 }
 

@@ -47,6 +47,10 @@ pub enum VmExit {
     Signal(i32),
     /// The user left the console (Ctrl-A x).
     ConsoleQuit,
+    /// vCPU threads stopped answering the VMM thread (a pause or resume
+    /// could not be carried out or undone): the VM is ended rather than
+    /// left in a state nobody knows.
+    VcpusUnresponsive(String),
 }
 
 impl VmExit {
@@ -61,6 +65,7 @@ impl VmExit {
             | VmExit::Unhandled { .. } => EXIT_GUEST_CRASH,
             VmExit::Signal(n) => EXIT_SIGNAL_BASE + n,
             VmExit::ConsoleQuit => EXIT_SIGNAL_BASE + libc::SIGINT,
+            VmExit::VcpusUnresponsive(_) => EXIT_ERROR,
         }
     }
 
@@ -94,6 +99,9 @@ impl fmt::Display for VmExit {
             VmExit::Unhandled { cpu, what } => write!(f, "guest crash: unhandled exit on vCPU {cpu}: {what}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
+            VmExit::VcpusUnresponsive(what) => {
+                write!(f, "ended: the vCPU threads stopped answering ({what})")
+            }
         }
     }
 }

@@ -53,6 +53,13 @@ pub enum LoaderError {
     /// The kernel's segments fall outside guest memory.
     #[error("kernel {path} does not fit in guest memory (it ends at {end:#x}, memory ends at {mem_end:#x})")]
     KernelTooBig { path: String, end: u64, mem_end: u64 },
+    /// A segment reaches outside guest memory (where, linux-loader does
+    /// not say).
+    #[error("kernel {path} does not fit in guest memory (memory ends at {mem_end:#x})")]
+    KernelOutsideMemory { path: String, mem_end: u64 },
+    /// The file ends before the data its headers announce.
+    #[error("kernel {path} is truncated: the file ends before the data its headers announce")]
+    Truncated { path: String },
     /// The initrd cannot be read.
     #[error("cannot read initrd {path}: {reason}")]
     InitrdRead { path: String, reason: String },
@@ -131,21 +138,32 @@ fn load_image<F: Read + ReadVolatile + Seek>(
         path: path.into(),
         reason: e.to_string(),
     };
-    let result: KernelLoaderResult = match kind {
+    let loaded = match kind {
         ImageKind::Elf => Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))),
         ImageKind::BzImage => BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START))),
-    }
-    .map_err(|e| {
-        // linux-loader reports a segment outside guest memory as a failed
-        // read of the image: say what it means.
+    };
+    // A read that stopped at the end of the file: the image is short of
+    // what its headers announce. (A segment outside guest memory fails
+    // before anything is read.)
+    let at_end = loaded.is_err() && {
+        let pos = image.stream_position().ok();
+        let len = image.seek(SeekFrom::End(0)).ok();
+        pos.is_some() && pos >= len
+    };
+    let result: KernelLoaderResult = loaded.map_err(|e| {
+        // linux-loader reports a short file and a segment outside guest
+        // memory alike, as a failed read of the image: say which it was.
         let mem_end = mem.last_addr().0 + 1;
         match e {
             linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
             | linux_loader::loader::Error::Bzimage(
                 linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
-            ) => LoaderError::KernelTooBig {
+            ) if at_end => LoaderError::Truncated { path: path.into() },
+            linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
+            | linux_loader::loader::Error::Bzimage(
+                linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+            ) => LoaderError::KernelOutsideMemory {
                 path: path.into(),
-                end: u64::MAX,
                 mem_end,
             },
             other => load_err(other),
@@ -207,12 +225,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &Kernel) -> Result<LoadedKerne
 /// Opens a regular file for reading (a directory or device is refused
 /// with a clear reason).
 fn open_regular(path: &Path) -> Result<File, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    Ok(file)
+    crate::config::files::open_checked(path, false, crate::config::files::Accept::RegularFile)
 }
 
 /// Loads the initrd at the top of low memory, page-aligned, above the
@@ -438,7 +451,18 @@ mod tests {
         let m = mem(16);
         let elf = tiny_elf(0x200_0000, &[0x90; 16], EM_X86_64);
         let e = load_kernel(&m, &Kernel::Builtin(Box::leak(elf.into_boxed_slice()))).unwrap_err();
-        assert!(matches!(e, LoaderError::KernelTooBig { .. }), "{e}");
+        assert!(matches!(e, LoaderError::KernelOutsideMemory { .. }), "{e}");
+        assert!(!e.to_string().contains("0xffffffffffffffff"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_elf_is_reported_as_truncated() {
+        let m = mem(16);
+        let mut elf = tiny_elf(0x10_0000, &[0x90; 4096], EM_X86_64);
+        elf.truncate(elf.len() - 2048);
+        let e = load_kernel(&m, &Kernel::Builtin(Box::leak(elf.into_boxed_slice()))).unwrap_err();
+        assert!(matches!(e, LoaderError::Truncated { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
     }
 
     #[test]

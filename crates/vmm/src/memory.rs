@@ -12,6 +12,9 @@ pub enum MemoryError {
     /// The host refused the mapping.
     #[error("cannot map {mib} MiB of guest memory: {reason}")]
     Map { mib: usize, reason: String },
+    /// The host refused transparent huge pages.
+    #[error("huge_pages \"Transparent\": the host refused transparent huge pages ({0})")]
+    HugePages(String),
 }
 
 /// The guest-physical RAM regions, as (start, length), of a VM with
@@ -38,6 +41,12 @@ pub fn create(mib: usize) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
+/// Asks for transparent huge pages on all guest memory
+/// (`huge_pages: "Transparent"`).
+pub fn advise_huge_pages(memory: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    crate::sys::advise_huge_pages(memory).map_err(|e| MemoryError::HugePages(e.to_string()))
+}
+
 /// The end of RAM below the 32-bit MMIO window.
 pub fn low_ram_end(bytes: u64) -> u64 {
     bytes.min(MMIO32_START)
@@ -46,7 +55,7 @@ pub fn low_ram_end(bytes: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn memory_is_split_around_the_mmio_window() {
@@ -61,5 +70,34 @@ mod tests {
         let mem = create(64).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_applied() {
+        let mem = create(64).unwrap();
+        advise_huge_pages(&mem).unwrap();
+        let host = mem
+            .iter()
+            .next()
+            .unwrap()
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap() as usize;
+        // The mapping shows the advice (`hg` in its VmFlags).
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_region = false;
+        let mut flagged = false;
+        for line in smaps.lines() {
+            if let Some(range) = line
+                .split_whitespace()
+                .next()
+                .filter(|r| r.contains('-') && r.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+            {
+                let start = usize::from_str_radix(range.split('-').next().unwrap(), 16).unwrap_or(0);
+                in_region = start == host;
+            } else if in_region && line.starts_with("VmFlags:") {
+                flagged = line.split_whitespace().any(|f| f == "hg");
+            }
+        }
+        assert!(flagged, "guest memory at {host:#x} lacks the hg flag");
     }
 }

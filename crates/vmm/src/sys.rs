@@ -232,3 +232,21 @@ pub fn single_malloc_arena() -> bool {
     // Called before any other thread exists, so no allocation races it.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
 }
+
+/// `madvise(MADV_HUGEPAGE)` on every region of guest memory.
+pub fn advise_huge_pages(memory: &GuestMemoryMmap) -> std::io::Result<()> {
+    for region in memory.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+        // SAFETY: `host` is the page-aligned start of a live mapping of
+        // `region.len()` bytes owned by `memory` (borrowed here);
+        // MADV_HUGEPAGE only changes how the kernel backs it, never its
+        // contents or its mapping.
+        let rc = unsafe { libc::madvise(host.cast::<c_void>(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -130,10 +130,13 @@ pub struct VcpuContext {
 }
 
 /// The VMM thread's handle on a vCPU thread.
+///
+/// Dropping it stops the thread and waits (boundedly) for it to end, so
+/// that no vCPU thread outlives the VM it runs.
 pub struct VcpuHandle {
     index: u8,
     commands: Sender<VcpuCommand>,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
     kick_signal: i32,
 }
 
@@ -153,7 +156,7 @@ impl VcpuHandle {
         Ok(Self {
             index,
             commands,
-            thread,
+            thread: Some(thread),
             kick_signal,
         })
     }
@@ -165,7 +168,8 @@ impl VcpuHandle {
             return;
         }
         if cmd != VcpuCommand::Run {
-            if let Err(e) = self.thread.kill(self.kick_signal) {
+            let Some(thread) = &self.thread else { return };
+            if let Err(e) = thread.kill(self.kick_signal) {
                 debug!("vcpu {}: kick failed: {e}", self.index);
             }
         }
@@ -178,14 +182,43 @@ impl VcpuHandle {
 
     /// Whether the thread has ended.
     pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Waits for the thread to end.
-    pub fn join(self) {
-        if self.thread.join().is_err() {
-            warn!("vcpu {}: thread panicked", self.index);
+    pub fn join(mut self) {
+        self.join_thread();
+    }
+
+    fn join_thread(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("vcpu {}: thread panicked", self.index);
+            }
         }
+    }
+}
+
+/// How long a dropped handle waits for its thread to end.
+const DROP_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        self.command(VcpuCommand::Stop);
+        let deadline = std::time::Instant::now() + DROP_JOIN_TIMEOUT;
+        while !self.is_finished() {
+            if std::time::Instant::now() > deadline {
+                // Joining would block the VMM thread for good; the thread
+                // is left to end with the process.
+                warn!("vcpu {}: thread did not stop; left behind", self.index);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.join_thread();
     }
 }
 
@@ -273,21 +306,30 @@ fn handle_commands(index: u8, ctx: &VcpuContext) -> bool {
         };
         match cmd {
             None | Some(VcpuCommand::Stop) => return false,
+            // Each command is answered, whatever the state: after a pause
+            // that failed on another vCPU, the VMM thread resumes all.
             Some(VcpuCommand::Pause) => {
-                if !paused {
-                    paused = true;
-                    let _ = ctx.events.send(VcpuEvent::Paused(index));
+                if failpoint_deaf_to_pause(index) {
+                    continue;
                 }
+                paused = true;
+                let _ = ctx.events.send(VcpuEvent::Paused(index));
             }
             Some(VcpuCommand::Resume) => {
-                if paused {
-                    paused = false;
-                    let _ = ctx.events.send(VcpuEvent::Resumed(index));
-                }
+                paused = false;
+                let _ = ctx.events.send(VcpuEvent::Resumed(index));
             }
             Some(VcpuCommand::Run) => {}
         }
     }
+}
+
+/// Test builds only: `FLATLET_FAILPOINT=vcpu0-deaf-to-pause` makes vCPU 0
+/// ignore pause commands, so that tests can make a pause fail.
+fn failpoint_deaf_to_pause(index: u8) -> bool {
+    cfg!(debug_assertions)
+        && index == 0
+        && std::env::var("FLATLET_FAILPOINT").is_ok_and(|v| v == "vcpu0-deaf-to-pause")
 }
 
 /// What to do after an exit.

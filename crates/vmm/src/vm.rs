@@ -202,6 +202,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
 
     let mem_bytes = (machine.mem_size_mib as u64) << 20;
     let memory = memory::create(machine.mem_size_mib)?;
+    if machine.huge_pages == crate::config::HugePages::Transparent {
+        memory::advise_huge_pages(&memory)?;
+    }
     sys::map_guest_memory(&vm_fd, &memory).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     steps.mark("guest memory");
 
@@ -432,6 +435,8 @@ impl Vm {
     /// Sends `cmd` to every vCPU and waits until each has answered with the
     /// event `expect` makes for it.
     fn command_all(&self, cmd: VcpuCommand, expect: fn(u8) -> VcpuEvent) -> Result<(), String> {
+        // Answers to an earlier command that timed out must not count.
+        while self.vcpu_events.try_recv().is_ok() {}
         for h in &self.vcpus {
             h.command(cmd);
         }

@@ -73,11 +73,17 @@ fn main() {
             .status()
             .unwrap();
         if status.code() != Some(0) {
-            eprintln!("allocator churn under the filters: {status:?} (signal {:?})", status.signal());
+            eprintln!(
+                "allocator churn under the filters: {status:?} (signal {:?})",
+                status.signal()
+            );
             failed += 1;
         }
     }
-    println!("test allocator_under_seccomp ... {}", if failed == 0 { "ok" } else { "FAILED" });
+    println!(
+        "test allocator_under_seccomp ... {}",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
     println!("{} passed, {failed} failed", 5 - failed);
     if failed > 0 {
         std::process::exit(1);

@@ -102,6 +102,20 @@ fn check_id(what: &'static str, id: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// A partition UUID goes on the kernel command line (`root=PARTUUID=`):
+/// only hex digits and dashes (a GPT UUID, or MBR's `SSSSSSSS-PP`), so
+/// nothing else can ride along.
+fn check_partuuid(uuid: &str) -> Result<(), ConfigError> {
+    let ok = (1..=36).contains(&uuid.len()) && uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidDevice(format!(
+            "invalid partuuid {uuid:?}: use a partition UUID (hex digits and '-', at most 36)"
+        )))
+    }
+}
+
 fn unsupported_if_set(what: &str, v: &Option<serde_json::Value>) -> Result<(), ConfigError> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(()),
@@ -121,30 +135,24 @@ impl DriveConfig {
             return Err(ConfigError::Unsupported("io_engine \"Async\"".into()));
         }
         unsupported_if_set("rate_limiter", &self.rate_limiter)?;
+        if let Some(uuid) = &self.partuuid {
+            check_partuuid(uuid)?;
+        }
         let path = self
             .path_on_host
             .as_deref()
             .filter(|p| !p.is_empty())
             .ok_or(ConfigError::EmptyPath("path_on_host"))?;
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(!self.is_read_only);
-        let file = options.open(path).map_err(|e| ConfigError::Unreadable {
+        super::files::open_checked(
+            Path::new(path),
+            !self.is_read_only,
+            super::files::Accept::FileOrBlockDevice,
+        )
+        .map_err(|reason| ConfigError::Unreadable {
             what: "drive",
             path: path.into(),
-            reason: e.to_string(),
+            reason,
         })?;
-        let meta = file.metadata().map_err(|e| ConfigError::Unreadable {
-            what: "drive",
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        if !meta.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            return Err(ConfigError::Unreadable {
-                what: "drive",
-                path: path.into(),
-                reason: "not a regular file or block device".into(),
-            });
-        }
         Ok(())
     }
 
@@ -154,10 +162,12 @@ impl DriveConfig {
     }
 }
 
-/// Checks a set of drives: unique ids, at most one root device.
+/// Checks a set of drives: unique ids, at most one root device (in time
+/// linear in their number).
 pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
-    for (i, d) in drives.iter().enumerate() {
-        if drives[..i].iter().any(|o| o.drive_id == d.drive_id) {
+    let mut ids = std::collections::HashSet::with_capacity(drives.len());
+    for d in drives {
+        if !ids.insert(d.drive_id.as_str()) {
             return Err(ConfigError::InvalidDevice(format!(
                 "two drives have the id {:?}",
                 d.drive_id
@@ -275,14 +285,16 @@ impl NetUpdate {
 
 /// Checks a set of interfaces: unique ids and TAP names.
 pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
-    for (i, n) in nets.iter().enumerate() {
-        if nets[..i].iter().any(|o| o.iface_id == n.iface_id) {
+    let mut ids = std::collections::HashSet::with_capacity(nets.len());
+    let mut taps = std::collections::HashSet::with_capacity(nets.len());
+    for n in nets {
+        if !ids.insert(n.iface_id.as_str()) {
             return Err(ConfigError::InvalidDevice(format!(
                 "two interfaces have the id {:?}",
                 n.iface_id
             )));
         }
-        if nets[..i].iter().any(|o| o.host_dev_name == n.host_dev_name) {
+        if !taps.insert(n.host_dev_name.as_str()) {
             return Err(ConfigError::InvalidDevice(format!(
                 "two interfaces use the TAP {:?}",
                 n.host_dev_name
@@ -294,10 +306,11 @@ pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
 
 /// Checks the total device count.
 pub fn validate_count(drives: usize, nets: usize) -> Result<(), ConfigError> {
-    if drives + nets > MAX_VIRTIO_DEVICES {
+    if drives.saturating_add(nets) > MAX_VIRTIO_DEVICES {
         return Err(ConfigError::InvalidDevice(format!(
-            "{} virtio devices: at most {MAX_VIRTIO_DEVICES}",
-            drives + nets
+            "too many devices: {drives} drives and {nets} network interfaces make {} virtio \
+             devices, and a microVM has at most {MAX_VIRTIO_DEVICES}",
+            drives.saturating_add(nets)
         )));
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! rejects unknown fields too) and is validated before anything is built.
 
 pub mod devices;
+pub mod files;
 
 use std::path::{Path, PathBuf};
 
@@ -45,7 +46,7 @@ pub enum ConfigError {
     #[error("kernel command line is {len} bytes long: the limit is {max} bytes")]
     CmdlineTooLong { len: usize, max: usize },
     /// Kernel command line contains a byte the kernel cannot take.
-    #[error("kernel command line contains a NUL or non-ASCII byte")]
+    #[error("kernel command line contains a newline, NUL, another control byte or a non-ASCII byte")]
     CmdlineInvalid,
     /// No boot source configured.
     #[error("no kernel is configured (set a boot source first)")]
@@ -275,18 +276,20 @@ fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigErro
         path: path.display().to_string(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    match file.metadata() {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(err("not a regular file".into())),
-        Err(e) => Err(err(e.to_string())),
-    }
+    files::open_checked(path, false, files::Accept::RegularFile)
+        .map(drop)
+        .map_err(err)
 }
 
-/// Checks a kernel command line: printable ASCII that fits, with its NUL,
-/// in the kernel's buffer.
+/// Checks a kernel command line: printable ASCII (and tabs) that fits,
+/// with its NUL, in the kernel's buffer. A newline or another control
+/// byte is refused: the kernel would take it as a separator the user did
+/// not see.
 pub fn validate_cmdline(args: &str) -> Result<(), ConfigError> {
-    if !args.bytes().all(|b| b.is_ascii() && b != 0) {
+    if !args
+        .bytes()
+        .all(|b| b == b'\t' || (b.is_ascii() && !b.is_ascii_control()))
+    {
         return Err(ConfigError::CmdlineInvalid);
     }
     if args.len() >= CMDLINE_MAX_SIZE {
@@ -337,6 +340,9 @@ pub struct VmConfig {
     pub nets: Vec<devices::NetConfig>,
 }
 
+/// Largest config file flatlet reads (1 MiB: a full VM takes a few KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
 /// Firecracker's `--config-file` JSON. Keys of Firecracker features that
 /// flatlet does not implement are recognised and refused by name.
 #[derive(Clone, Debug, Deserialize)]
@@ -380,7 +386,18 @@ impl ConfigFile {
             path: path.display().to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file = files::open_checked(path, false, files::Accept::RegularFile).map_err(err)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_CONFIG_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+            return Err(err(format!(
+                "the file is larger than {MAX_CONFIG_FILE_BYTES} bytes"
+            )));
+        }
         Self::parse(&text).map_err(|e| match e {
             ConfigError::File { reason, .. } => err(reason),
             other => other,
