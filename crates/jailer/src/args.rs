@@ -18,7 +18,8 @@ pub struct Cli {
 }
 
 /// `flatlet-jailer clean`: removes a jail (its directory and cgroups) after
-/// its VM has exited.
+/// its VM has exited. The arguments are checked as for running a jail; a
+/// jail whose VMM still runs is refused.
 #[derive(Debug, Parser)]
 #[command(name = "flatlet-jailer clean", version)]
 pub struct CleanCli {
@@ -95,7 +96,8 @@ pub struct CleanArgs {
     #[command(flatten)]
     pub location: Location,
 
-    /// The exec file's name, as given when jailing (its directory holds the jails).
+    /// The exec file's name, as given when jailing (its directory holds the
+    /// jails): a plain file name, not a path.
     #[arg(long, value_name = "NAME", default_value = "flatlet")]
     pub exec_name: String,
 }

@@ -221,9 +221,9 @@ fn setup_v2(base: &Path, parent: &str, id: &str, settings: &[Setting], pid: u32)
     write(&dir.join("cgroup.procs"), &pid.to_string())
 }
 
-/// Removes the jail's cgroups (and the parent when it is left empty).
-/// Returns the directories it removed.
-pub fn remove(base: &Path, version: u8, parent: &str, id: &str) -> Vec<PathBuf> {
+/// The jail's cgroup directories that exist: `<parent>/<id>` in every v1
+/// hierarchy (whatever the settings were), or in the unified one.
+pub fn existing(base: &Path, version: u8, parent: &str, id: &str) -> Vec<PathBuf> {
     let candidates: Vec<PathBuf> = match version {
         2 => vec![v2_root(base).join(parent).join(id)],
         _ => fs::read_dir(base)
@@ -235,8 +235,21 @@ pub fn remove(base: &Path, version: u8, parent: &str, id: &str) -> Vec<PathBuf> 
             })
             .unwrap_or_default(),
     };
+    candidates.into_iter().filter(|d| d.is_dir()).collect()
+}
+
+/// The processes in a cgroup (its `cgroup.procs`).
+pub fn procs(dir: &Path) -> Result<Vec<u32>, CgroupError> {
+    let path = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&path).map_err(io("reading", &path))?;
+    Ok(text.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
+
+/// Removes the jail's cgroups (and the parent when it is left empty).
+/// Returns the directories it removed.
+pub fn remove(base: &Path, version: u8, parent: &str, id: &str) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    for dir in candidates.into_iter().filter(|d| d.is_dir()) {
+    for dir in existing(base, version, parent, id) {
         if fs::remove_dir(&dir).is_ok() {
             removed.push(dir.clone());
             if let Some(p) = dir.parent() {

@@ -11,7 +11,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
@@ -19,7 +19,7 @@ use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::unistd::{Gid, Uid, chdir, chown, pivot_root, setgid, setgroups, setsid, setuid};
 
-use crate::args::JailArgs;
+use crate::args::{JailArgs, Location};
 use crate::cgroup::{self, CgroupError, Setting};
 
 /// Default limit on open files.
@@ -49,6 +49,10 @@ pub enum JailError {
     /// cgroups.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// `clean` refused to remove a jail: removing it now would break or
+    /// delete something that is not the jail's.
+    #[error("not cleaning {path}: {reason}")]
+    Refused { path: String, reason: String },
 }
 
 impl JailError {
@@ -56,7 +60,7 @@ impl JailError {
     /// a failed set-up.
     pub fn exit_code(&self) -> u8 {
         match self {
-            JailError::Invalid(_) | JailError::Exists { .. } => 2,
+            JailError::Invalid(_) | JailError::Exists { .. } | JailError::Refused { .. } => 2,
             JailError::Cgroup(CgroupError::Syntax(_) | CgroupError::Version(_)) => 2,
             _ => 1,
         }
@@ -107,15 +111,103 @@ pub fn check_id(id: &str) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Checks an exec name (the VMM binary's file name, which names the
+/// directory that holds its jails): a plain file name, with no `/` and not
+/// starting with `.` (so neither `.` nor `..`), not empty.
+pub fn check_exec_name(name: &str) -> Result<(), JailError> {
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+        return Err(JailError::Invalid(format!(
+            "invalid exec name {name:?}: it must be a plain file name (not empty, no '/', \
+             not starting with '.')"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the directory jails are made in: an absolute path with no `..`.
+pub fn check_base_dir(base: &Path) -> Result<(), JailError> {
+    if !base.is_absolute() {
+        return Err(JailError::Invalid(format!(
+            "--chroot-base-dir {} must be an absolute path",
+            base.display()
+        )));
+    }
+    if base.components().any(|c| c == Component::ParentDir) {
+        return Err(JailError::Invalid(format!(
+            "--chroot-base-dir {} must not contain '..'",
+            base.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Where a jail is, checked: `<base>/<exec name>/<id>` and its cgroups.
+/// Running and cleaning a jail both make one with [`Place::check`], so
+/// that both accept exactly the same arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// The directory jails are made in.
+    pub base: PathBuf,
+    /// The VMM binary's file name.
+    pub exec_name: String,
+    /// The jail's id.
+    pub id: String,
+    /// cgroup version.
+    pub cgroup_version: u8,
+    /// The cgroup the jail's cgroup goes in.
+    pub parent_cgroup: String,
+}
+
+impl Place {
+    /// Checks a jail's location: the id, the exec name, the base
+    /// directory, the cgroup version and the parent cgroup.
+    pub fn check(loc: &Location, exec_name: &str) -> Result<Self, JailError> {
+        check_id(&loc.id)?;
+        check_exec_name(exec_name)?;
+        check_base_dir(&loc.chroot_base_dir)?;
+        if loc.cgroup_version != 1 && loc.cgroup_version != 2 {
+            return Err(JailError::Invalid(format!(
+                "--cgroup-version {} must be 1 or 2",
+                loc.cgroup_version
+            )));
+        }
+        let parent_cgroup = loc.parent_cgroup.clone().unwrap_or_else(|| exec_name.to_string());
+        if parent_cgroup.is_empty()
+            || parent_cgroup
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(JailError::Invalid(format!(
+                "invalid --parent-cgroup {parent_cgroup:?}"
+            )));
+        }
+        Ok(Self {
+            base: loc.chroot_base_dir.clone(),
+            exec_name: exec_name.to_string(),
+            id: loc.id.clone(),
+            cgroup_version: loc.cgroup_version,
+            parent_cgroup,
+        })
+    }
+
+    /// `<base>/<exec name>`: the directory that holds this VMM's jails.
+    pub fn exec_dir(&self) -> PathBuf {
+        self.base.join(&self.exec_name)
+    }
+
+    /// `<base>/<exec name>/<id>`: the jail.
+    pub fn dir(&self) -> PathBuf {
+        self.exec_dir().join(&self.id)
+    }
+}
+
 /// A checked jail.
 #[derive(Clone, Debug)]
 pub struct Jail {
-    /// The id.
-    pub id: String,
+    /// Where it is.
+    pub place: Place,
     /// The VMM binary outside.
     pub exec_file: PathBuf,
-    /// Its file name (also its path in the jail, from `/`).
-    pub exec_name: String,
     /// `<base>/<exec name>/<id>`.
     pub dir: PathBuf,
     /// `<dir>/root`: the VMM's `/`.
@@ -124,10 +216,6 @@ pub struct Jail {
     pub uid: Uid,
     /// Target group.
     pub gid: Gid,
-    /// cgroup version.
-    pub cgroup_version: u8,
-    /// Parent cgroup.
-    pub parent_cgroup: String,
     /// cgroup settings.
     pub cgroups: Vec<Setting>,
     /// Resource limits.
@@ -143,22 +231,16 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// Checks the arguments.
+    /// Checks the arguments (the location with [`Place::check`], as `clean`
+    /// does).
     pub fn from_args(a: &JailArgs) -> Result<Self, JailError> {
-        let loc = &a.location;
-        check_id(&loc.id)?;
-        if !loc.chroot_base_dir.is_absolute() {
-            return Err(JailError::Invalid(format!(
-                "--chroot-base-dir {} must be an absolute path",
-                loc.chroot_base_dir.display()
-            )));
-        }
-        if loc.cgroup_version != 1 && loc.cgroup_version != 2 {
-            return Err(JailError::Invalid(format!(
-                "--cgroup-version {} must be 1 or 2",
-                loc.cgroup_version
-            )));
-        }
+        let exec_name = a.exec_file.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            JailError::Invalid(format!(
+                "--exec-file {} has no usable name",
+                a.exec_file.display()
+            ))
+        })?;
+        let place = Place::check(&a.location, exec_name)?;
         let meta = fs::metadata(&a.exec_file)
             .map_err(|e| JailError::Invalid(format!("--exec-file {}: {e}", a.exec_file.display())))?;
         if !meta.is_file() {
@@ -167,30 +249,8 @@ impl Jail {
                 a.exec_file.display()
             )));
         }
-        let exec_name = a
-            .exec_file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|n| !n.is_empty() && !n.starts_with('.'))
-            .ok_or_else(|| {
-                JailError::Invalid(format!(
-                    "--exec-file {} has no usable name",
-                    a.exec_file.display()
-                ))
-            })?
-            .to_string();
         if let Some(ns) = &a.netns {
             fs::metadata(ns).map_err(|e| JailError::Invalid(format!("--netns {}: {e}", ns.display())))?;
-        }
-        let parent_cgroup = loc.parent_cgroup.clone().unwrap_or_else(|| exec_name.clone());
-        if parent_cgroup.is_empty()
-            || parent_cgroup
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            return Err(JailError::Invalid(format!(
-                "invalid --parent-cgroup {parent_cgroup:?}"
-            )));
         }
         let cgroups = a
             .cgroups
@@ -206,17 +266,14 @@ impl Jail {
             limits.retain(|x| x.resource != l.resource);
             limits.push(l);
         }
-        let dir = loc.chroot_base_dir.join(&exec_name).join(&loc.id);
+        let dir = place.dir();
         Ok(Self {
-            id: loc.id.clone(),
+            place,
             exec_file: a.exec_file.clone(),
             root: dir.join("root"),
             dir,
-            exec_name,
             uid: Uid::from_raw(a.uid),
             gid: Gid::from_raw(a.gid),
-            cgroup_version: loc.cgroup_version,
-            parent_cgroup,
             cgroups,
             limits,
             netns: a.netns.clone(),
@@ -226,9 +283,27 @@ impl Jail {
         })
     }
 
+    /// Warnings about a jail that is legal but unwise: the VMM running as
+    /// root's user or group gives a guest that escapes into it much of the
+    /// host, jail or not.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.uid.is_root() {
+            w.push(
+                "--uid 0: the VMM will run as root; a guest that escapes into it gets root's powers".into(),
+            );
+        }
+        if self.gid.as_raw() == 0 {
+            w.push(
+                "--gid 0: the VMM will run in group 0 (root), with that group's access to host files".into(),
+            );
+        }
+        w
+    }
+
     /// Where the PID of a VMM in a new PID namespace is written.
     pub fn pid_file(&self) -> PathBuf {
-        self.root.join(format!("{}.pid", self.exec_name))
+        self.root.join(format!("{}.pid", self.place.exec_name))
     }
 
     /// Everything done from outside the jail, in the jailer's process: the
@@ -245,7 +320,7 @@ impl Jail {
                 Ok(()) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     return Err(JailError::Exists {
-                        id: self.id.clone(),
+                        id: self.place.id.clone(),
                         path: self.dir.display().to_string(),
                     });
                 }
@@ -254,7 +329,7 @@ impl Jail {
             }
         }
         fs::create_dir(&self.root).map_err(step(format!("creating {}", self.root.display())))?;
-        let target = self.root.join(&self.exec_name);
+        let target = self.root.join(&self.place.exec_name);
         // A copy, not a link: the host's binary must not be reachable.
         fs::copy(&self.exec_file, &target).map_err(step(format!("copying {}", self.exec_file.display())))?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o750))
@@ -265,9 +340,9 @@ impl Jail {
         }
         cgroup::setup(
             Path::new(cgroup::CGROUP_ROOT),
-            self.cgroup_version,
-            &self.parent_cgroup,
-            &self.id,
+            self.place.cgroup_version,
+            &self.place.parent_cgroup,
+            &self.place.id,
             &self.cgroups,
             std::process::id(),
         )?;
@@ -356,45 +431,14 @@ impl Jail {
         setgid(self.gid).map_err(step("setgid"))?;
         setuid(self.uid).map_err(step("setuid"))?;
 
-        let path = CString::new(format!("/{}", self.exec_name)).map_err(step("exec path"))?;
-        let mut argv = vec![CString::new(self.exec_name.clone()).map_err(step("argv"))?];
+        let path = CString::new(format!("/{}", self.place.exec_name)).map_err(step("exec path"))?;
+        let mut argv = vec![CString::new(self.place.exec_name.clone()).map_err(step("argv"))?];
         for a in &self.vmm_args {
             argv.push(CString::new(a.as_str()).map_err(step("argv"))?);
         }
         let env: [CString; 0] = [];
-        nix::unistd::execve(&path, &argv, &env).map_err(step(format!("exec /{}", self.exec_name)))
+        nix::unistd::execve(&path, &argv, &env).map_err(step(format!("exec /{}", self.place.exec_name)))
     }
-}
-
-/// Removes a jail: its directory tree and cgroups. Returns what it removed.
-pub fn clean(
-    base: &Path,
-    exec_name: &str,
-    id: &str,
-    cgroup_version: u8,
-    parent: &str,
-) -> Result<Vec<PathBuf>, JailError> {
-    check_id(id)?;
-    let dir = base.join(exec_name).join(id);
-    let mut removed = Vec::new();
-    if dir.exists() {
-        // A VMM that exited in its jail can leave its root bind mount
-        // behind only in its own (gone) namespace; here it is a directory.
-        fs::remove_dir_all(&dir).map_err(step(format!("removing {}", dir.display())))?;
-        removed.push(dir.clone());
-        for p in [base.join(exec_name), base.to_path_buf()] {
-            if fs::remove_dir(&p).is_ok() {
-                removed.push(p);
-            }
-        }
-    }
-    removed.extend(cgroup::remove(
-        Path::new(cgroup::CGROUP_ROOT),
-        cgroup_version,
-        parent,
-        id,
-    ));
-    Ok(removed)
 }
 
 #[cfg(test)]
@@ -409,6 +453,53 @@ mod tests {
         for bad in ["", "a b", "../x", "a/b", "vm_1", "é", &"x".repeat(65)] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn exec_names() {
+        for ok in ["flatlet", "firecracker-v1.2", "a b"] {
+            assert!(check_exec_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "/abs/dir", "a/b", "x/", ".hidden", "a\0b"] {
+            assert!(check_exec_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base_dirs() {
+        for ok in ["/", "/srv/jailer", "/srv/./jailer/", "/srv/..jailer"] {
+            assert!(check_base_dir(Path::new(ok)).is_ok(), "{ok}");
+        }
+        for bad in ["", "relative/dir", "./srv", "/srv/../etc", "/srv/jailer/.."] {
+            assert!(check_base_dir(Path::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn places() {
+        let loc = |id: &str, base: &str, parent: Option<&str>| Location {
+            id: id.into(),
+            chroot_base_dir: base.into(),
+            cgroup_version: 1,
+            parent_cgroup: parent.map(String::from),
+        };
+        let p = Place::check(&loc("vm-1", "/srv/jailer", None), "flatlet").unwrap();
+        assert_eq!(p.dir(), Path::new("/srv/jailer/flatlet/vm-1"));
+        assert_eq!(p.parent_cgroup, "flatlet");
+        for (l, exec) in [
+            (loc("../x", "/srv", None), "flatlet"),
+            (loc("vm", "/srv", None), "/abs/dir"),
+            (loc("vm", "/srv", None), "../x"),
+            (loc("vm", "srv", None), "flatlet"),
+            (loc("vm", "/srv/..", None), "flatlet"),
+            (loc("vm", "/srv", Some("../up")), "flatlet"),
+            (loc("vm", "/srv", Some("")), "flatlet"),
+        ] {
+            assert!(Place::check(&l, exec).is_err(), "{l:?} {exec:?}");
+        }
+        let mut v3 = loc("vm", "/srv", None);
+        v3.cgroup_version = 3;
+        assert!(Place::check(&v3, "flatlet").is_err());
     }
 
     #[test]

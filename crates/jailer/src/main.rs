@@ -3,20 +3,22 @@
 //!
 //! Exit codes: the VMM's own once it runs (the jailer execs it); before
 //! that, 2 for bad arguments (or an existing jail of the same id) and 1 for
-//! a set-up step that failed.
+//! a set-up step that failed. `clean`: 0 when done, 2 for bad arguments or
+//! a jail it refuses to remove (its VMM still runs, something is mounted
+//! in it, it is not a jail), 1 for a removal that failed.
 
 mod args;
 mod cgroup;
+mod clean;
 mod jail;
 
-use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use clap::Parser;
 use nix::sched::{CloneFlags, unshare};
 
 use args::{CleanCli, Cli};
-use jail::{Jail, JailError};
+use jail::{Jail, JailError, Place};
 
 /// Set in the child that becomes the VMM when the jailer must fork (a new
 /// PID namespace, or detaching).
@@ -30,18 +32,8 @@ fn fail(e: &JailError) -> ExitCode {
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("clean") {
         let c = CleanCli::parse_from(std::env::args().skip(1)).clean;
-        let parent = c
-            .location
-            .parent_cgroup
-            .clone()
-            .unwrap_or_else(|| c.exec_name.clone());
-        return match jail::clean(
-            &c.location.chroot_base_dir,
-            &c.exec_name,
-            &c.location.id,
-            c.location.cgroup_version,
-            &parent,
-        ) {
+        // The same checks as for running a jail: the same place, or none.
+        return match Place::check(&c.location, &c.exec_name).and_then(|p| clean::clean(&p)) {
             Ok(removed) => {
                 for p in removed {
                     println!("removed {}", p.display());
@@ -62,12 +54,14 @@ fn run(j: &Jail) -> ExitCode {
         // The child that becomes the VMM: the jail is ready.
         return fail(&j.enter_and_exec());
     }
+    for w in j.warnings() {
+        eprintln!("flatlet-jailer: warning: {w}");
+    }
     if let Err(e) = j.prepare() {
         // Leave nothing half-made behind (unless the jail was someone
         // else's: an existing jail is not ours to remove).
         if !matches!(e, JailError::Exists { .. }) {
-            let base = j.dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
-            let _ = jail::clean(base, &j.exec_name, &j.id, j.cgroup_version, &j.parent_cgroup);
+            let _ = clean::clean(&j.place);
         }
         return fail(&e);
     }
