@@ -16,11 +16,21 @@ use std::time::Duration;
 
 use common::{TempDir, kvm_or_skip};
 
-/// (filter name, syscall) and (filter name, ioctl request) seen.
+/// (filter name, syscall) and (filter name, syscall, checked argument)
+/// seen: the request of `ioctl`, the flags of `openat`.
 #[derive(Default)]
 struct Seen {
     calls: BTreeSet<(String, String)>,
-    ioctls: BTreeSet<(String, u64)>,
+    args: BTreeSet<(String, String, u64)>,
+}
+
+/// Which argument the policy checks for a call, if any.
+fn checked_arg(call: &str) -> Option<usize> {
+    match call {
+        "ioctl" => Some(1),
+        "openat" => Some(2),
+        _ => None,
+    }
 }
 
 /// Reads an strace log (`-f -X raw --decode-pids=comm`) into what each
@@ -43,8 +53,14 @@ fn analyse(log: &str, seen: &mut Seen) {
     }
     let main_tid = lines.first().map(|(t, _)| *t).unwrap_or_default();
     let mut installs: BTreeMap<&str, usize> = BTreeMap::new();
+    // The main thread's second filter: the runtime one, once the VM is
+    // built.
+    let mut runtime_from = usize::MAX;
     for (i, (tid, call)) in lines.iter().enumerate() {
         if call.starts_with("seccomp(") {
+            if installs.contains_key(tid) && *tid == main_tid {
+                runtime_from = runtime_from.min(i);
+            }
             installs.entry(tid).or_insert(i);
         }
     }
@@ -70,22 +86,30 @@ fn analyse(log: &str, seen: &mut Seen) {
         } else {
             continue;
         };
-        // The seccomp() call itself is made before the filter is in.
+        // The seccomp() call itself is made before the filter is in (the
+        // runtime one under the VMM's filter).
+        if name == "seccomp" && i == runtime_from {
+            seen.calls.insert(("vmm".to_string(), name.to_string()));
+            continue;
+        }
         if name == "seccomp" && !comm.starts_with("fl_vcpu") {
             continue;
         }
         // A vCPU thread's own filter sits on the VMM's, which it
         // inherited: its calls pass through both.
+        // Likewise the main thread's runtime filter, on top of the VMM's.
         let filters: &[&str] = if filter == "vcpu" {
             &["vcpu", "vmm"]
+        } else if *tid == main_tid && i > runtime_from {
+            &["vmm_run", "vmm"]
         } else {
             &[filter]
         };
         for f in filters {
             seen.calls.insert((f.to_string(), name.to_string()));
-            if name == "ioctl" {
+            if let Some(index) = checked_arg(name) {
                 // `ioctl(fd, 0xae80, ...` (or `0xae80 <unfinished ...>`).
-                let arg = call.split(", ").nth(1).unwrap_or("");
+                let arg = call.split(", ").nth(index).unwrap_or("");
                 let req = arg
                     .split(|c: char| !(c.is_ascii_hexdigit() || c == 'x'))
                     .next()
@@ -95,7 +119,7 @@ fn analyse(log: &str, seen: &mut Seen) {
                     .map(|h| u64::from_str_radix(h, 16))
                     .unwrap_or_else(|| req.parse());
                 if let Ok(n) = n {
-                    seen.ioctls.insert((f.to_string(), n));
+                    seen.args.insert((f.to_string(), name.to_string(), n));
                 }
             }
         }
@@ -124,6 +148,32 @@ fn traced(log: &Path, args: &[&str]) -> Command {
 fn flatlet_api(sock: &Path, method: &str, path: &str, body: &str) {
     let r = flatlet_api::client::request(sock, method, path, Some(body)).unwrap();
     assert!(r.status < 300, "{method} {path}: {r:?}");
+}
+
+/// What made the allocator leave the filters: many connections at once
+/// with maximum-size bodies, and idle connections that open and close.
+fn api_stress(sock: &Path) {
+    for _ in 0..3 {
+        let idle: Vec<std::os::unix::net::UnixStream> = (0..20)
+            .map(|_| std::os::unix::net::UnixStream::connect(sock).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(idle);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let sock = sock.to_path_buf();
+                std::thread::spawn(move || {
+                    let mut body = r#"{"state": "Resumed"}"#.to_string();
+                    body.push_str(&" ".repeat(51_200 - body.len()));
+                    let r = flatlet_api::client::request(&sock, "PATCH", "/vm", Some(&body)).unwrap();
+                    assert_eq!(r.status, 204, "{r:?}");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
 }
 
 /// Runs the workloads; returns the strace logs.
@@ -260,8 +310,36 @@ fn workloads(dir: &TempDir) -> Vec<String> {
             guest.display()
         ),
     );
+    let ro_img = dir.path("ro.img");
+    std::fs::write(&ro_img, vec![0u8; 64 * 1024]).unwrap();
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        &format!(
+            r#"{{"drive_id": "d1", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+            ro_img.display()
+        ),
+    );
     flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     std::thread::sleep(Duration::from_millis(1500));
+    // The running VM's requests, under the runtime filter.
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/logger",
+        &format!(
+            r#"{{"log_path": "{}", "level": "Debug"}}"#,
+            dir.path("flatlet2.log").display()
+        ),
+    );
+    flatlet_api(
+        &sock,
+        "PATCH",
+        "/drives/d1",
+        &format!(r#"{{"drive_id": "d1", "path_on_host": "{}"}}"#, ro_img.display()),
+    );
+    api_stress(&sock);
     flatlet_api(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     flatlet_api(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
@@ -277,6 +355,31 @@ fn workloads(dir: &TempDir) -> Vec<String> {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(0), "the API session under the filters");
     logs.push(std::fs::read_to_string(&api_log).unwrap());
+
+    // vCPUs under heavy port I/O (a guest flooding its console) and MMIO
+    // (a drive the guest writes), on two vCPUs, stopped by SIGTERM.
+    let flood_log = dir.path("flood.log");
+    let mut child = traced(
+        &flood_log,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--drive",
+            &drive,
+            "--cmdline",
+            "console=ttyS0 flatlet.blkwrite flatlet.flood",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(3000));
+    let log = std::fs::read_to_string(&flood_log).unwrap();
+    let pid: i32 = log.split('<').next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.code().is_some(), "stopped, not killed: {st:?}");
+    logs.push(std::fs::read_to_string(&flood_log).unwrap());
 
     // SIGTERM to a running guest (to flatlet, not to strace: flatlet's
     // PID heads the log).
@@ -314,23 +417,28 @@ fn policy_matches_what_flatlet_calls() {
     }
     let policy: serde_json::Value = serde_json::from_str(flatlet_vmm::seccomp::POLICY_JSON).unwrap();
     let mut problems = Vec::new();
-    for filter in ["vmm", "api", "vcpu"] {
+    for filter in ["vmm", "api", "vcpu", "vmm_run"] {
         let rules = policy[filter]["filter"].as_array().unwrap();
         let allowed_calls: BTreeSet<&str> = rules.iter().map(|r| r["syscall"].as_str().unwrap()).collect();
-        let allowed_ioctls: BTreeSet<u64> = rules
+        let allowed_args: BTreeSet<(&str, u64)> = rules
             .iter()
-            .filter_map(|r| r["args"].as_array())
-            .flat_map(|a| a.iter().map(|c| c["val"].as_u64().unwrap()))
+            .filter_map(|r| Some((r["syscall"].as_str()?, r["args"].as_array()?)))
+            .flat_map(|(call, a)| a.iter().map(move |c| (call, c["val"].as_u64().unwrap())))
             .collect();
+        // Calls the policy checks an argument of, for this filter.
+        let checked: BTreeSet<&str> = allowed_args.iter().map(|(c, _)| *c).collect();
         for (f, call) in &seen.calls {
             if f == filter && !allowed_calls.contains(call.as_str()) {
                 problems.push(format!("{filter}: calls {call}, which its policy does not allow"));
             }
         }
-        for (f, req) in &seen.ioctls {
-            if f == filter && !allowed_ioctls.contains(req) {
+        for (f, call, arg) in &seen.args {
+            if f == filter
+                && checked.contains(call.as_str())
+                && !allowed_args.contains(&(call.as_str(), *arg))
+            {
                 problems.push(format!(
-                    "{filter}: ioctl {req:#x}, which its policy does not allow"
+                    "{filter}: {call} with {arg:#x}, which its policy does not allow"
                 ));
             }
         }
@@ -339,8 +447,8 @@ fn policy_matches_what_flatlet_calls() {
             let rare = r["comment"].as_str().is_some_and(|c| c.starts_with("rare:"));
             let used = match r["args"].as_array() {
                 Some(args) => args.iter().all(|c| {
-                    seen.ioctls
-                        .contains(&(filter.to_string(), c["val"].as_u64().unwrap()))
+                    seen.args
+                        .contains(&(filter.to_string(), call.to_string(), c["val"].as_u64().unwrap()))
                 }),
                 None => seen.calls.contains(&(filter.to_string(), call.to_string())),
             };

@@ -6,7 +6,7 @@
 //! proportion to its length, on every thread's start).
 //!
 //! Output: `seccomp_filters.bin` in OUT_DIR: for each filter, in the order
-//! vmm, api, vcpu: a u32 instruction count, then each instruction as
+//! vmm, api, vcpu, vmm_run: a u32 instruction count, then each instruction as
 //! code (u16), jt (u8), jf (u8), k (u32), little endian.
 
 // A build script reports failure by panicking, with the reason.
@@ -17,7 +17,7 @@ use std::path::PathBuf;
 #[path = "build/bpf_tree.rs"]
 mod bpf_tree;
 
-const FILTERS: [&str; 3] = ["vmm", "api", "vcpu"];
+const FILTERS: [&str; 4] = ["vmm", "api", "vcpu", "vmm_run"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -51,6 +51,9 @@ pub enum VmExit {
     /// could not be carried out or undone): the VM is ended rather than
     /// left in a state nobody knows.
     VcpusUnresponsive(String),
+    /// The VMM thread's runtime seccomp filter could not be installed:
+    /// the VM does not run unfiltered.
+    Seccomp(String),
 }
 
 impl VmExit {
@@ -65,7 +68,7 @@ impl VmExit {
             | VmExit::Unhandled { .. } => EXIT_GUEST_CRASH,
             VmExit::Signal(n) => EXIT_SIGNAL_BASE + n,
             VmExit::ConsoleQuit => EXIT_SIGNAL_BASE + libc::SIGINT,
-            VmExit::VcpusUnresponsive(_) => EXIT_ERROR,
+            VmExit::VcpusUnresponsive(_) | VmExit::Seccomp(_) => EXIT_ERROR,
         }
     }
 
@@ -99,6 +102,7 @@ impl fmt::Display for VmExit {
             VmExit::Unhandled { cpu, what } => write!(f, "guest crash: unhandled exit on vCPU {cpu}: {what}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
+            VmExit::Seccomp(e) => write!(f, "ended: {e}"),
             VmExit::VcpusUnresponsive(what) => {
                 write!(f, "ended: the vCPU threads stopped answering ({what})")
             }

@@ -169,6 +169,12 @@ impl Runtime {
         let result = self.controller.handle(req);
         if starting && result.is_ok() {
             self.watch_vm();
+            // The VM is built: from now on the VMM thread needs only what
+            // a running VM asks of it.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::VmmRuntime) {
+                log::error!("{e}");
+                self.stop.report(VmExit::Seccomp(e.to_string()));
+            }
         }
         result
     }

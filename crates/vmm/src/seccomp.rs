@@ -6,6 +6,12 @@
 //! Threads inherit their creator's filter: vCPU threads (and the fast-path
 //! thread) are made by the VMM thread, so the VMM policy also allows what
 //! vCPU threads do, and a vCPU thread adds its own, narrower filter on top.
+//!
+//! Once the VM is built the VMM thread adds the runtime filter
+//! (`vmm_run`) on top of its own: it makes no more threads, KVM objects,
+//! devices or filters, so none of those calls stay open to it, and it may
+//! open files only with the exact flags of the runtime requests (`PATCH
+//! /drives`, `PUT /logger`, `PUT /metrics`).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -28,6 +34,8 @@ pub enum ThreadKind {
     Api,
     /// A vCPU thread.
     Vcpu,
+    /// The VMM thread once the VM is built (added on top of `Vmm`).
+    VmmRuntime,
 }
 
 impl ThreadKind {
@@ -37,6 +45,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::VmmRuntime => "vmm_run",
         }
     }
 }
@@ -68,7 +77,12 @@ pub fn enabled() -> bool {
 /// The policy, compiled to BPF by build.rs.
 const COMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
 /// The filters in COMPILED, in order.
-const ORDER: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu];
+const ORDER: [ThreadKind; 4] = [
+    ThreadKind::Vmm,
+    ThreadKind::Api,
+    ThreadKind::Vcpu,
+    ThreadKind::VmmRuntime,
+];
 
 /// Reads the filters build.rs compiled.
 fn decode(mut bytes: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
@@ -281,14 +295,28 @@ mod tests {
     /// The child side: a thread installs the filter, then opens a socket,
     /// which no filter allows.
     fn forbidden_call_in_child(kind: &str) -> ! {
-        let kind = match kind {
-            "vcpu" => ThreadKind::Vcpu,
-            "api" => ThreadKind::Api,
-            _ => ThreadKind::Vmm,
-        };
-        let _ = std::thread::spawn(move || {
-            install(kind).unwrap();
-            let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+        let kind = kind.to_string();
+        let _ = std::thread::spawn(move || match kind.as_str() {
+            // The runtime filter, on the VMM's: no new thread, and no open
+            // with flags other than the runtime requests'.
+            "vmm_run_thread" | "vmm_run_open" => {
+                install(ThreadKind::Vmm).unwrap();
+                install(ThreadKind::VmmRuntime).unwrap();
+                if kind == "vmm_run_thread" {
+                    let _ = std::thread::spawn(|| ()).join();
+                } else {
+                    let _ = std::fs::File::open("/proc/self/status");
+                }
+            }
+            _ => {
+                install(match kind.as_str() {
+                    "vcpu" => ThreadKind::Vcpu,
+                    "api" => ThreadKind::Api,
+                    _ => ThreadKind::Vmm,
+                })
+                .unwrap();
+                let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+            }
         })
         .join();
         // Reached only if the filter let the call through.
@@ -301,7 +329,7 @@ mod tests {
             forbidden_call_in_child(&kind);
         }
         use std::os::unix::process::ExitStatusExt;
-        for kind in ["vcpu", "api", "vmm"] {
+        for kind in ["vcpu", "api", "vmm", "vmm_run_thread", "vmm_run_open"] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
