@@ -126,7 +126,8 @@ pub struct RunArgs {
 
     /// Interrupt controller and timer: split (I/O APIC in flatlet, no
     /// PIT; the fastest to create), full (KVM's in-kernel irqchip) or
-    /// full-pit (and KVM's PIT).
-    #[arg(long, value_name = "MODE", default_value = "split")]
-    pub irqchip: IrqchipMode,
+    /// full-pit (and KVM's PIT). Also `irqchip` in the machine
+    /// configuration (config file, API). Default: split.
+    #[arg(long, value_name = "MODE")]
+    pub irqchip: Option<IrqchipMode>,
 }

@@ -17,7 +17,6 @@ use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kerne
 use flatlet_vmm::controller::{Controller, ControllerError, Request};
 use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
 use flatlet_vmm::host::HostKind;
-use flatlet_vmm::irqchip::IrqchipMode;
 use flatlet_vmm::runtime::{ConsoleInput, Runtime};
 use log::{error, info};
 
@@ -97,7 +96,7 @@ impl RunArgs {
             drives: Vec::new(),
             nets: Vec::new(),
             config_file: Some(path.to_path_buf()),
-            irqchip: IrqchipMode::default(),
+            irqchip: None,
         }
     }
 }
@@ -159,6 +158,9 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     if let Some(mib) = args.mem_mib {
         machine.mem_size_mib = mib;
     }
+    if let Some(mode) = args.irqchip {
+        machine.irqchip = mode;
+    }
     let mut requests = vec![Request::PutMachineConfig(machine), Request::PutBootSource(boot)];
     requests.extend(drives.into_iter().map(Request::PutDrive));
     requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
@@ -167,21 +169,20 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
 }
 
 /// A runtime with its controller, console and signal handling.
-fn runtime(common: &CommonArgs, irqchip: IrqchipMode) -> Result<Runtime, Failure> {
+fn runtime(common: &CommonArgs) -> Result<Runtime, Failure> {
     flatlet_vmm::seccomp::prepare().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     let host = HostKind::detect();
     info!("KVM host: {host}");
     let kick = vmm_sys_util::signal::SIGRTMIN();
     flatlet_vmm::sys::install_kick_handler(kick)
         .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot install the vCPU kick handler: {e}")))?;
-    let mut controller = Controller::new(
+    let controller = Controller::new(
         common.id.clone(),
         host,
         HostLimits::probe(),
         Box::new(console::output),
         kick,
     );
-    controller.set_irqchip(irqchip);
     let input = console::input().map(|f| Box::new(f) as Box<dyn ConsoleInput>);
     let mut rt = Runtime::new(controller, input).map_err(|e| Failure::new(EXIT_ERROR, e))?;
     let signals = signals::SignalWatch::install(rt.stop_handle())
@@ -192,7 +193,7 @@ fn runtime(common: &CommonArgs, irqchip: IrqchipMode) -> Result<Runtime, Failure
 
 fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
     let requests = run_requests(args)?;
-    let mut rt = runtime(common, args.irqchip)?;
+    let mut rt = runtime(common)?;
     filter_vmm_thread()?;
     for req in requests {
         rt.handle(req)?;
@@ -223,7 +224,7 @@ fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failu
     let requests = config
         .map(|p| run_requests(&RunArgs::from_config_file(p)))
         .transpose()?;
-    let mut rt = runtime(&cli.common, IrqchipMode::default())?;
+    let mut rt = runtime(&cli.common)?;
     let listener = flatlet_api::server::bind(sock).map_err(|e| Failure::new(EXIT_BAD_CONFIG, e))?;
     let _socket = flatlet_api::server::SocketFile(sock.to_path_buf());
     let sender = rt.api_sender().map_err(|e| Failure::new(EXIT_ERROR, e))?;

@@ -427,3 +427,49 @@ fn a_path_without_its_slash_is_not_served_as_root() {
         "refused by the client",
     );
 }
+
+#[test]
+fn irqchip_is_part_of_the_machine_configuration() {
+    // --irqchip bypassed the requests: the API and config file could not
+    // choose it.
+    if !kvm_or_skip("irqchip_is_part_of_the_machine_configuration") {
+        return;
+    }
+    let dir = TempDir::new("irqchip");
+    let guest = dir.path("guest.elf");
+    std::fs::write(&guest, flatlet_guest::ELF).unwrap();
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "irqchip": "full"}}}}"#,
+            guest.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = flatlet();
+    cmd.arg("--config-file").arg(&config).arg("--no-api");
+    let out = run(cmd, common::BOOT_LIMIT);
+    out.check(
+        out.code() == Some(0) && out.stderr.contains("full irqchip"),
+        "the file's irqchip",
+    );
+    let vmm = Vmm::start("irqchip-api");
+    let shown: serde_json::Value =
+        serde_json::from_str(&vmm.ok("GET", "/machine-config", None).body).unwrap();
+    assert!(
+        shown.get("irqchip").is_none(),
+        "the default stays out of Firecracker's body"
+    );
+    vmm.ok("PATCH", "/machine-config", Some(r#"{"irqchip": "full-pit"}"#));
+    let shown: serde_json::Value =
+        serde_json::from_str(&vmm.ok("GET", "/machine-config", None).body).unwrap();
+    assert_eq!(shown["irqchip"], "full-pit");
+    vmm.fault(
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"irqchip": "pic"}"#),
+        "unknown variant",
+    );
+}

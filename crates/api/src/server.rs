@@ -122,7 +122,7 @@ pub fn spawn(listener: UnixListener, vmm: ApiSender, max_payload: usize) -> Resu
     let handle = std::thread::Builder::new()
         .name("fl_api".into())
         .spawn(move || {
-            flatlet_vmm::runtime::mask_stop_signals();
+            flatlet_vmm::thread::mask_stop_signals();
             let filtered = flatlet_vmm::seccomp::install(flatlet_vmm::seccomp::ThreadKind::Api);
             let ok = filtered.is_ok();
             let _ = ready_tx.send(filtered.map_err(|e| e.to_string()));

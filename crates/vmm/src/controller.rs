@@ -184,11 +184,6 @@ impl Controller {
         }
     }
 
-    /// Sets the interrupt controller mode (before start).
-    pub fn set_irqchip(&mut self, mode: crate::irqchip::IrqchipMode) {
-        self.config.irqchip = mode;
-    }
-
     /// The running (or paused) VM.
     pub fn vm(&self) -> Option<&Vm> {
         match &self.state {

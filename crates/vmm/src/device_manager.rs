@@ -216,7 +216,7 @@ pub fn register_fast_paths(
     let spawned = std::thread::Builder::new()
         .name("fl_fastpath".into())
         .spawn(move || {
-            crate::runtime::mask_stop_signals();
+            crate::thread::mask_stop_signals();
             let start = Instant::now();
             let (mut ioeventfds, mut irqfds) = (0, 0);
             for slot in &slots {

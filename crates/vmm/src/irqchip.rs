@@ -29,15 +29,26 @@ use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Which interrupt controller and timer a VM gets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IrqchipMode {
     /// Split irqchip, I/O APIC in flatlet, no PIT.
     #[default]
+    #[serde(rename = "split")]
     Split,
     /// KVM's full in-kernel irqchip.
+    #[serde(rename = "full")]
     Full,
     /// KVM's full irqchip and PIT.
+    #[serde(rename = "full-pit")]
     FullWithPit,
+}
+
+impl IrqchipMode {
+    /// Whether this is the default (left out of `GET /machine-config`, so
+    /// that the body stays Firecracker's).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl FromStr for IrqchipMode {

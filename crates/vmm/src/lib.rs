@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod runtime;
 pub mod seccomp;
 pub mod sys;
+pub mod thread;
 pub mod vcpu;
 pub mod vm;

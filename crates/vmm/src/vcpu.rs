@@ -262,7 +262,7 @@ fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 
 fn vcpu_thread(fd: VcpuFd, setup: VcpuSetup, ctx: VcpuContext) {
     let index = setup.index;
-    crate::runtime::mask_stop_signals();
+    crate::thread::mask_stop_signals();
     // Before anything the guest controls.
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
         let _ = ctx.events.send(VcpuEvent::Configured(index, Err(e.to_string())));

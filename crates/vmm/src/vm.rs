@@ -179,10 +179,10 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     let cpus = machine.vcpu_count;
 
     let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
-    if !irqchip::supported(&kvm, config.irqchip) {
+    if !irqchip::supported(&kvm, config.machine.irqchip) {
         return Err(BuildError::KvmCapability(format!(
             "the {} irqchip",
-            config.irqchip
+            config.machine.irqchip
         )));
     }
     let max = kvm.get_max_vcpus();
@@ -197,7 +197,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
             .set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     }
-    let chip = irqchip::create(&vm_fd, config.irqchip, mptable::ioapic_id(cpus))?;
+    let chip = irqchip::create(&vm_fd, config.machine.irqchip, mptable::ioapic_id(cpus))?;
     steps.mark("irqchip");
 
     let mem_bytes = (machine.mem_size_mib as u64) << 20;
@@ -288,7 +288,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     info!(
         "VM started: {cpus} vCPU(s), {} MiB, {} irqchip, {} virtio device(s), kernel {}, entry {:#x}",
         machine.mem_size_mib,
-        config.irqchip,
+        config.machine.irqchip,
         virtio.slots.len(),
         match &boot.kernel {
             crate::config::Kernel::Path(p) => p.display().to_string(),

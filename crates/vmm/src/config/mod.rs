@@ -102,6 +102,10 @@ pub struct MachineConfig {
     /// Deprecated CPU template; only `None` is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// flatlet's own: the interrupt controller and timer (`split`, the
+    /// default; `full`; `full-pit`). Shown only when not the default.
+    #[serde(default, skip_serializing_if = "IrqchipMode::is_default")]
+    pub irqchip: IrqchipMode,
 }
 
 impl Default for MachineConfig {
@@ -113,6 +117,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             huge_pages: HugePages::None,
             cpu_template: None,
+            irqchip: IrqchipMode::Split,
         }
     }
 }
@@ -133,6 +138,8 @@ pub struct MachineConfigUpdate {
     pub huge_pages: Option<HugePages>,
     /// New CPU template.
     pub cpu_template: Option<String>,
+    /// New interrupt controller mode.
+    pub irqchip: Option<IrqchipMode>,
 }
 
 impl MachineConfig {
@@ -145,6 +152,7 @@ impl MachineConfig {
             track_dirty_pages: u.track_dirty_pages.unwrap_or(self.track_dirty_pages),
             huge_pages: u.huge_pages.unwrap_or(self.huge_pages),
             cpu_template: u.cpu_template.clone().or_else(|| self.cpu_template.clone()),
+            irqchip: u.irqchip.unwrap_or(self.irqchip),
         }
     }
 
@@ -332,8 +340,6 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     /// The kernel.
     pub boot: Option<BootSource>,
-    /// Interrupt controller and timer.
-    pub irqchip: IrqchipMode,
     /// Block devices, in the order they were added.
     pub drives: Vec<devices::DriveConfig>,
     /// Network interfaces, in the order they were added.
@@ -544,7 +550,7 @@ mod tests {
             ..c.clone()
         };
         let e = BootSource::from_config(&dir).unwrap_err();
-        assert_eq!(e.to_string(), "cannot read initrd /: not a regular file");
+        assert_eq!(e.to_string(), "cannot read initrd /: it is a directory, not a regular file");
         let empty = BootSourceConfig {
             kernel_image_path: String::new(),
             boot_args: None,
