@@ -4,6 +4,8 @@
  *   flatlet.crash=emul   execute lock cmpxchg16b, which nested hosts cannot emulate
  *   flatlet.crash=triple triple fault
  *   flatlet.stay         keep running: heartbeats, reset on Ctrl-Alt-Del
+ *   flatlet.flood        print to the console without end (a chatty guest,
+ *                        for the tests of a console nobody reads)
  *   flatlet.syscall      execute `syscall` from ring 3 and report the ring
  *                        its entry ran in (nested PVM hosts get it wrong)
  */
@@ -14,6 +16,7 @@ static u32 want_fwait = 0;
 static u32 want_stay = 0;
 static u32 crash_mode = 0; /* 0 none, 1 emul, 2 triple */
 static u32 want_syscall = 0;
+static u32 want_flood = 0;
 
 static void parse_option(const char *w, u32 len)
 {
@@ -29,6 +32,21 @@ static void parse_option(const char *w, u32 len)
         crash_mode = 2;
     else if (option_is(w, len, "flatlet.syscall"))
         want_syscall = 1;
+    else if (option_is(w, len, "flatlet.flood"))
+        want_flood = 1;
+}
+
+/* flatlet.flood: numbered lines, as fast as the UART takes them. */
+static void flood(void)
+{
+    print("flatlet-guest: flooding the console\n");
+    for (u64 n = 1;; n++) {
+        console_lock();
+        puts_raw("flatlet-guest: flood ");
+        put_dec(n);
+        puts_raw(" ..................................................\n");
+        console_unlock();
+    }
 }
 
 /* --- flatlet.syscall ------------------------------------------------------ */
@@ -123,6 +141,8 @@ void run_options(void)
         crash_emulation();
     else if (crash_mode == 2)
         guest_panic("triple fault requested");
+    if (want_flood)
+        flood();
     if (want_stay)
         stay();
 }
