@@ -91,6 +91,26 @@ impl Unread {
     }
 }
 
+impl Unread {
+    /// Sends SIGTERM; fails unless flatlet exits within `limit`.
+    fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "flatlet did not exit on SIGTERM\nlog:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for Unread {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -170,20 +190,7 @@ fn a_console_nobody_reads_stalls_nothing() {
     vmm.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), quick);
     vmm.ok("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), quick);
     // A SIGTERM ends flatlet promptly.
-    let pid = nix::unistd::Pid::from_raw(vmm.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = vmm.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "flatlet did not exit on SIGTERM\nlog:\n{}",
-            vmm.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = vmm.terminate(Duration::from_secs(10));
     assert_eq!(status.code(), Some(128 + 15), "{}", vmm.log.lock().unwrap());
     // What went through is the guest's console, from its start.
     let mut out = vmm.stdout.take().unwrap();

@@ -196,3 +196,42 @@ fn frames_shorter_than_the_header_are_dropped() {
     assert_eq!(used(r.mem, &r.rx, 0).2, 0, "the buffer was not used");
     assert_eq!(r.dev.stats().dropped, 1);
 }
+
+#[test]
+fn indirect_chains_are_dropped_not_followed() {
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    let mut r = rig();
+    let f = frame(0, b"through an indirect table");
+    r.mem.write_slice(&f, GuestAddress(DATA_BASE)).unwrap();
+    // A well-formed frame, behind an indirect descriptor.
+    let table = GuestAddress(DATA_BASE + 0x8000);
+    r.mem
+        .write_obj(Descriptor::new(DATA_BASE, f.len() as u32, 0, 0), table)
+        .unwrap();
+    let head = RawDescriptor::from(Descriptor::new(table.0, 16, 4, 0));
+    r.tx.add_desc_chains(&[head], 0).unwrap();
+    assert_eq!(r.dev.process_tx(), 1, "the chain is returned");
+    assert!(recv(&r.peer).is_none(), "nothing reached the TAP");
+    let s = r.dev.stats();
+    assert_eq!((s.indirect, s.dropped, s.tx_frames), (1, 1, 0));
+    // Receive buffers likewise.
+    r.rx.add_desc_chains(&[head], 0).unwrap();
+    r.peer.send(&frame(0, b"to the guest")).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.dev.stats().indirect, 2);
+    assert_eq!(r.dev.stats().rx_frames, 0);
+}
+
+#[test]
+fn a_bad_available_index_is_counted_and_moves_nothing() {
+    let mut r = rig();
+    let f = frame(0, b"x");
+    r.mem.write_slice(&f, GuestAddress(DATA_BASE)).unwrap();
+    add_chain(&r.tx, 0, &[(DATA_BASE, f.len() as u32, false)]);
+    r.tx.avail().idx().store(500u16.to_le());
+    for _ in 0..100 {
+        assert_eq!(r.dev.process_tx(), 0);
+    }
+    assert_eq!(r.dev.stats().invalid_avail_idx, 100);
+    assert!(recv(&r.peer).is_none());
+}
