@@ -53,13 +53,18 @@ pub fn process_cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
-/// When the VM build started.
+/// Where the boot time counts from: the start of the VM build, or the
+/// start a caller gave with Firecracker's `--start-time-us`,
+/// `--start-time-cpu-us` and `--parent-cpu-time-us` (a jailer's start, so
+/// that a jailed launch's boot time includes the jailer's work).
 #[derive(Clone, Copy, Debug)]
 pub struct StartTime {
     /// Wall-clock (monotonic) start.
     pub wall: Instant,
-    /// Process CPU time at the start.
+    /// This process's CPU time at the start.
     pub cpu: Duration,
+    /// CPU time spent before this process by its parent (the jailer).
+    pub parent_cpu: Duration,
 }
 
 impl StartTime {
@@ -68,8 +73,46 @@ impl StartTime {
         Self {
             wall: Instant::now(),
             cpu: process_cpu_time(),
+            parent_cpu: Duration::ZERO,
         }
     }
+
+    /// A start given in microseconds: `wall_us` on `CLOCK_MONOTONIC`,
+    /// `cpu_us` of this process's CPU time (`CLOCK_PROCESS_CPUTIME_ID`,
+    /// which goes on across `exec`; 0 when not given: the process's
+    /// start) and `parent_cpu_us` spent by a parent before it. A start in
+    /// the future counts as now.
+    pub fn given(wall_us: u64, cpu_us: Option<u64>, parent_cpu_us: u64) -> Self {
+        let now = Instant::now();
+        let mono = clock_gettime(ClockId::CLOCK_MONOTONIC)
+            .map(Duration::from)
+            .unwrap_or_default();
+        let ago = mono.saturating_sub(Duration::from_micros(wall_us));
+        Self {
+            wall: now.checked_sub(ago).unwrap_or(now),
+            cpu: Duration::from_micros(cpu_us.unwrap_or(0)),
+            parent_cpu: Duration::from_micros(parent_cpu_us),
+        }
+    }
+
+    /// Wall time since the start.
+    pub fn wall_elapsed(&self) -> Duration {
+        self.wall.elapsed()
+    }
+
+    /// CPU time since the start: this process's since then, and the
+    /// parent's.
+    pub fn cpu_elapsed(&self) -> Duration {
+        process_cpu_time().saturating_sub(self.cpu) + self.parent_cpu
+    }
+}
+
+/// Microseconds on `CLOCK_MONOTONIC` now (what Firecracker's jailer
+/// passes as `--start-time-us`).
+pub fn monotonic_us() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| Duration::from(t).as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// The boot-timer device.
@@ -113,8 +156,8 @@ impl BusDevice for BootTimer {
         if offset != 0 || data != [MAGIC_BOOT_COMPLETE] {
             return;
         }
-        let wall = self.start.wall.elapsed();
-        let cpu = process_cpu_time().saturating_sub(self.start.cpu);
+        let wall = self.start.wall_elapsed();
+        let cpu = self.start.cpu_elapsed();
         self.last = Some(wall);
         self.signals += 1;
         if self.signals == 1 {
@@ -162,6 +205,21 @@ mod tests {
             "{} lines",
             lines.len()
         );
+    }
+
+    #[test]
+    fn a_given_start_counts_from_then() {
+        // A start 50 ms ago, with 7 ms of a parent's CPU time.
+        let start = StartTime::given(monotonic_us() - 50_000, Some(0), 7_000);
+        let wall = start.wall_elapsed();
+        assert!(
+            wall >= Duration::from_millis(50) && wall < Duration::from_secs(5),
+            "{wall:?}"
+        );
+        assert!(start.cpu_elapsed() >= Duration::from_millis(7));
+        // A start in the future is now.
+        let later = StartTime::given(monotonic_us() + 10_000_000, None, 0);
+        assert!(later.wall_elapsed() < Duration::from_secs(1));
     }
 
     #[test]

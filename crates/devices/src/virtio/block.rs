@@ -145,6 +145,8 @@ pub struct BlockStats {
     pub bytes_read: u64,
     /// Bytes written to the image.
     pub bytes_written: u64,
+    /// Queue notifications handled.
+    pub queue_events: u64,
 }
 
 struct Active {
@@ -550,16 +552,20 @@ impl VirtioDevice for Block {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = self.stats;
         vec![
+            // Firecracker's names first (its `block` metrics), then
+            // flatlet's own.
             ("read_count", s.reads),
             ("write_count", s.writes),
             ("flush_count", s.flushes),
-            ("error_count", s.errors),
+            ("read_bytes", s.bytes_read),
+            ("write_bytes", s.bytes_written),
+            ("queue_event_count", s.queue_events),
+            ("execute_fails", s.errors),
+            ("invalid_reqs_count", s.invalid_chains + s.oversized + s.indirect),
             ("invalid_avail_idx_count", s.invalid_avail_idx),
             ("indirect_desc_count", s.indirect),
             ("invalid_chain_count", s.invalid_chains),
             ("oversized_req_count", s.oversized),
-            ("read_bytes", s.bytes_read),
-            ("write_bytes", s.bytes_written),
         ]
     }
 }
@@ -567,6 +573,7 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.queue_evts[0].read();
+        self.stats.queue_events += 1;
         self.process_queue();
     }
 

@@ -94,6 +94,16 @@ pub struct NetStats {
     pub invalid_avail_idx: u64,
     /// Chains using an indirect descriptor (not offered): dropped.
     pub indirect: u64,
+    /// Frame bytes sent (without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frame bytes given to the guest (without the header).
+    pub rx_bytes: u64,
+    /// Transmit queue notifications handled.
+    pub tx_queue_events: u64,
+    /// Receive queue notifications handled.
+    pub rx_queue_events: u64,
+    /// TAP readiness events handled.
+    pub rx_tap_events: u64,
 }
 
 struct Active {
@@ -168,7 +178,10 @@ impl Net {
             };
             match frame_of(&a.mem, &a.tx, head, &mut self.tx_buf) {
                 Ok(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
-                    Ok(_) => self.stats.tx_frames += 1,
+                    Ok(_) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += len.saturating_sub(VNET_HDR_LEN) as u64;
+                    }
                     Err(e) => {
                         self.stats.dropped += 1;
                         self.log.warn(format_args!("TAP write: {e}"));
@@ -285,6 +298,7 @@ impl Net {
                             .warn(format_args!("cannot return descriptor {head}: {e}"));
                     }
                     self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += (len as u64).saturating_sub(VNET_HDR_LEN as u64);
                     return Delivery::Delivered;
                 }
                 // A bad chain is returned empty; the frame tries the next.
@@ -424,8 +438,17 @@ impl VirtioDevice for Net {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = self.stats;
         vec![
-            ("tx_frames", s.tx_frames),
-            ("rx_frames", s.rx_frames),
+            // Firecracker's names first (its `net` metrics), then
+            // flatlet's own.
+            ("tx_packets_count", s.tx_frames),
+            ("rx_packets_count", s.rx_frames),
+            ("tx_count", s.tx_frames),
+            ("rx_count", s.rx_frames),
+            ("tx_bytes_count", s.tx_bytes),
+            ("rx_bytes_count", s.rx_bytes),
+            ("tx_queue_event_count", s.tx_queue_events),
+            ("rx_queue_event_count", s.rx_queue_events),
+            ("rx_tap_event_count", s.rx_tap_events),
             ("dropped", s.dropped),
             ("rx_deferred", s.rx_deferred),
             ("invalid_avail_idx_count", s.invalid_avail_idx),
@@ -441,10 +464,14 @@ impl MutEventSubscriber for Net {
             let _ = self.activate_evt.read();
         } else if fd == self.queue_evts[TX].as_raw_fd() {
             let _ = self.queue_evts[TX].read();
+            self.stats.tx_queue_events += 1;
             self.process_tx();
             return;
         } else if fd == self.queue_evts[RX].as_raw_fd() {
             let _ = self.queue_evts[RX].read();
+            self.stats.rx_queue_events += 1;
+        } else {
+            self.stats.rx_tap_events += 1;
         }
         // Activation, new receive buffers or TAP readiness: receive.
         if self.active.is_none() {
