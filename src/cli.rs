@@ -4,6 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use flatlet_vmm::irqchip::IrqchipMode;
+use flatlet_vmm::logger::Level;
+
+/// The API socket when none is given (Firecracker's).
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -15,9 +19,12 @@ Exit codes:
        emulate, an exit flatlet cannot handle)
   128+N  stopped by signal N (130 also when leaving the console with Ctrl-A x)";
 
-/// flatlet: a lightweight KVM microVM monitor.
+/// flatlet: a lightweight KVM microVM monitor. Without a command it is a
+/// drop-in for Firecracker's binary: it takes Firecracker's flags and
+/// serves its API (on /run/firecracker.socket unless --api-sock or
+/// --no-api says otherwise).
 #[derive(Debug, Parser)]
-#[command(name = "flatlet", version, about, after_help = EXIT_CODES)]
+#[command(name = "flatlet", about, after_help = EXIT_CODES, disable_version_flag = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -27,7 +34,8 @@ pub struct Cli {
     pub config_file: Option<PathBuf>,
 
     /// Serve Firecracker's REST API on this Unix socket (no VM until
-    /// configured and started through it, or by --config-file).
+    /// configured and started through it, or by --config-file). Default:
+    /// /run/firecracker.socket.
     #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     pub api_sock: Option<PathBuf>,
 
@@ -40,23 +48,127 @@ pub struct Cli {
     pub http_api_max_payload_size: usize,
 
     #[command(flatten)]
+    pub fc: FirecrackerArgs,
+
+    #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// Firecracker's flags that only the API/config-file mode has.
+#[derive(Debug, Args, Clone)]
+pub struct FirecrackerArgs {
+    /// Print the version (flatlet's, and the Firecracker API version it
+    /// follows) and exit.
+    #[arg(long)]
+    pub version: bool,
+
+    /// Print the snapshot data format version. flatlet has no snapshots
+    /// yet: says so and exits with 2.
+    #[arg(long)]
+    pub snapshot_version: bool,
+
+    /// Print the data format version of a snapshot file. flatlet has no
+    /// snapshots yet: says so and exits with 2.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
+
+    /// Firecracker's boot-timer device. flatlet always has it (the
+    /// `Guest-boot-time` line): accepted.
+    #[arg(long)]
+    pub boot_timer: bool,
+
+    /// A custom seccomp filter (Firecracker's compiled BPF file): refused,
+    /// flatlet installs its own filters (or none, with --no-seccomp).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
+    pub seccomp_filter: Option<PathBuf>,
+
+    /// Size limit of the MMDS data store, in bytes. flatlet has no MMDS
+    /// yet: accepted and unused.
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<u64>,
+
+    /// A JSON file of MMDS contents: refused, flatlet has no MMDS yet.
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
+
+    /// Configure metrics at start, as `PUT /metrics` with this path does.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<String>,
+
+    /// When the process (or the jailer that started it) started, in
+    /// microseconds of CLOCK_MONOTONIC: the boot-time line and the
+    /// start-up metrics count from it.
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+
+    /// This process's CPU time at that start, in microseconds.
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+
+    /// CPU time the parent (the jailer) spent before, in microseconds.
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+
+    /// Firecracker's PCI transport. flatlet's devices are virtio-mmio,
+    /// announced on the kernel command line, which a kernel built for
+    /// Firecracker finds either way: accepted (and logged).
+    #[arg(long)]
+    pub enable_pci: bool,
 }
 
 /// Options of every command that runs a VM.
 #[derive(Debug, Args, Clone)]
 pub struct CommonArgs {
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info", global = true)]
-    pub log_level: log::LevelFilter,
+    /// Log level, in any case: Error, Warning (Warn), Info, Debug, Trace
+    /// or Off. `--log-level` is flatlet's older name.
+    #[arg(
+        long = "level",
+        visible_alias = "log-level",
+        value_name = "LEVEL",
+        default_value = "info",
+        global = true
+    )]
+    pub level: Level,
 
-    /// Instance id, shown by the API.
-    #[arg(long, default_value = "anonymous-instance", global = true)]
+    /// Append the log to this file (or FIFO), as `PUT /logger` does.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub log_path: Option<String>,
+
+    /// Show each line's level.
+    #[arg(long, global = true)]
+    pub show_level: bool,
+
+    /// Show each line's source file and line.
+    #[arg(long, global = true)]
+    pub show_log_origin: bool,
+
+    /// Log only from modules whose path starts with this.
+    #[arg(long, value_name = "MODULE", global = true)]
+    pub module: Option<String>,
+
+    /// Instance id, shown by the API: 1 to 64 characters, alphanumeric
+    /// or '-' (as Firecracker checks it).
+    #[arg(long, default_value = "anonymous-instance", value_parser = parse_id, global = true)]
     pub id: String,
 
     /// Do not install seccomp filters (for debugging only).
     #[arg(long, global = true)]
     pub no_seccomp: bool,
+}
+
+/// An instance id, checked as Firecracker checks it.
+fn parse_id(id: &str) -> Result<String, String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("it is {} bytes long: an id has 1 to 64", id.len()));
+    }
+    match id.chars().position(|c| !(c == '-' || c.is_alphanumeric())) {
+        Some(i) => Err(format!(
+            "character {} ({:?}) is neither alphanumeric nor '-'",
+            i + 1,
+            id.chars().nth(i).unwrap_or('?')
+        )),
+        None => Ok(id.to_string()),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,13 +14,15 @@ use flatlet_vmm::config::devices::{
     parse_drive_option, parse_net_option, validate_count, validate_drives, validate_nets,
 };
 use flatlet_vmm::config::{BootSource, ConfigError, ConfigFile, HostLimits, Kernel, MachineConfig};
-use flatlet_vmm::controller::{Controller, ControllerError, Request};
+use flatlet_vmm::controller::{Controller, ControllerError, Request, StartTime};
 use flatlet_vmm::exit::{EXIT_BAD_CONFIG, EXIT_ERROR};
 use flatlet_vmm::host::HostKind;
+use flatlet_vmm::logger::LoggerConfig;
+use flatlet_vmm::metrics::{MetricsConfig, Startup};
 use flatlet_vmm::runtime::{ConsoleInput, Runtime};
-use log::{error, info};
+use log::{debug, error, info};
 
-use cli::{Cli, Command, CommonArgs, RunArgs};
+use cli::{Cli, Command, CommonArgs, FirecrackerArgs, RunArgs};
 
 /// An error that ends flatlet: printed once, then the exit code.
 struct Failure {
@@ -54,12 +56,19 @@ fn main() -> ExitCode {
     // every thread's seccomp filter (see the function).
     flatlet_vmm::sys::single_malloc_arena();
     let cli = Cli::parse();
-    flatlet_vmm::logger::init(cli.common.log_level);
+    if let Some(code) = informational(&cli.fc) {
+        return ExitCode::from(code);
+    }
+    flatlet_vmm::logger::init(cli.common.level.into());
+    if let Err(f) = firecracker_flags(&cli) {
+        error!("{}", f.message);
+        return ExitCode::from(f.code as u8);
+    }
     if cli.common.no_seccomp {
         flatlet_vmm::seccomp::disable();
     }
     let result = match &cli.command {
-        Some(Command::Run(args)) => run(args, &cli.common),
+        Some(Command::Run(args)) => run(args, &cli.common, &cli.fc),
         Some(Command::GuestImage { out }) => guest_image(out),
         Some(Command::Api {
             sock,
@@ -67,13 +76,16 @@ fn main() -> ExitCode {
             path,
             body,
         }) => api_request(sock, method, path, body.as_deref()),
-        None => match (&cli.api_sock, &cli.config_file) {
-            (Some(sock), config) => serve_api(sock, config.as_deref(), &cli),
-            (None, Some(path)) if cli.no_api => run(&RunArgs::from_config_file(path), &cli.common),
-            _ => Err(Failure::new(
-                EXIT_BAD_CONFIG,
-                "nothing to do: use `flatlet run`, `--api-sock PATH`, or `--config-file PATH --no-api` (see --help)",
-            )),
+        None => match (&cli.config_file, cli.no_api) {
+            (Some(path), true) => run(&RunArgs::from_config_file(path), &cli.common, &cli.fc),
+            // --no-api requires --config-file (clap checks it).
+            _ => {
+                let sock = cli
+                    .api_sock
+                    .clone()
+                    .unwrap_or_else(|| cli::DEFAULT_API_SOCK.into());
+                serve_api(&sock, cli.config_file.as_deref(), &cli)
+            }
         },
     };
     match result {
@@ -83,6 +95,78 @@ fn main() -> ExitCode {
             ExitCode::from(f.code as u8)
         }
     }
+}
+
+/// `--version`, `--snapshot-version`, `--describe-snapshot`: print and
+/// exit, before anything else (as Firecracker does).
+fn informational(fc: &FirecrackerArgs) -> Option<u8> {
+    if fc.version {
+        println!(
+            "flatlet v{}\nFirecracker API v{}\n",
+            flatlet_vmm::controller::VERSION,
+            flatlet_vmm::controller::FIRECRACKER_API_VERSION
+        );
+        return Some(0);
+    }
+    let no_snapshots = |flag: &str| {
+        eprintln!(
+            "flatlet: {flag}: flatlet does not support snapshots yet, so it has no snapshot data format"
+        );
+        Some(EXIT_BAD_CONFIG as u8)
+    };
+    if fc.snapshot_version {
+        return no_snapshots("--snapshot-version");
+    }
+    if fc.describe_snapshot.is_some() {
+        return no_snapshots("--describe-snapshot");
+    }
+    None
+}
+
+/// Firecracker's flags that configure the process: the logger (as `PUT
+/// /logger` would), and the flags flatlet accepts or refuses by name.
+fn firecracker_flags(cli: &Cli) -> Result<(), Failure> {
+    let c = &cli.common;
+    if c.log_path.is_some() || c.show_level || c.show_log_origin || c.module.is_some() {
+        flatlet_vmm::logger::configure(&LoggerConfig {
+            log_path: c.log_path.clone(),
+            level: None,
+            show_level: c.show_level.then_some(true),
+            show_log_origin: c.show_log_origin.then_some(true),
+            module: c.module.clone(),
+        })?;
+    }
+    let fc = &cli.fc;
+    if fc.seccomp_filter.is_some() {
+        return Err(Failure::new(
+            EXIT_BAD_CONFIG,
+            "--seccomp-filter: flatlet does not load custom seccomp filters (Firecracker's compiled BPF \
+             format); it installs its own per-thread filters (resources/seccomp/x86_64.json), or none with \
+             --no-seccomp",
+        ));
+    }
+    if let Some(path) = &fc.metadata {
+        return Err(Failure::new(
+            EXIT_BAD_CONFIG,
+            format!(
+                "--metadata {}: flatlet has no MMDS (microVM metadata service) yet, so it cannot serve metadata",
+                path.display()
+            ),
+        ));
+    }
+    if let Some(limit) = fc.mmds_size_limit {
+        info!("--mmds-size-limit {limit}: flatlet has no MMDS yet; the limit is accepted and unused");
+    }
+    if fc.enable_pci {
+        info!(
+            "--enable-pci: flatlet's devices are virtio-mmio, announced on the kernel command line \
+             (virtio_mmio.device=); a kernel built for Firecracker finds them either way"
+        );
+    }
+    if fc.boot_timer {
+        debug!("--boot-timer: flatlet always has its boot timer");
+    }
+    Ok(())
 }
 
 impl RunArgs {
@@ -122,8 +206,12 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         boot_args: None,
         initrd: None,
     };
+    // The logger and metrics first, so that they see the rest.
+    let mut settings = Vec::new();
     if let Some(path) = &args.config_file {
         let file = ConfigFile::load(path)?;
+        settings.extend(file.logger.map(Request::PutLogger));
+        settings.extend(file.metrics.map(Request::PutMetrics));
         boot = BootSource::from_config(&file.boot_source)?;
         if let Some(m) = file.machine_config {
             machine = m;
@@ -161,7 +249,8 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     if let Some(mode) = args.irqchip {
         machine.irqchip = mode;
     }
-    let mut requests = vec![Request::PutMachineConfig(machine), Request::PutBootSource(boot)];
+    let mut requests = settings;
+    requests.extend([Request::PutMachineConfig(machine), Request::PutBootSource(boot)]);
     requests.extend(drives.into_iter().map(Request::PutDrive));
     requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
     requests.push(Request::Start);
@@ -169,20 +258,28 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
 }
 
 /// A runtime with its controller, console and signal handling.
-fn runtime(common: &CommonArgs) -> Result<Runtime, Failure> {
+fn runtime(common: &CommonArgs, fc: &FirecrackerArgs) -> Result<Runtime, Failure> {
     flatlet_vmm::seccomp::prepare().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     let host = HostKind::detect();
     info!("KVM host: {host}");
     let kick = vmm_sys_util::signal::SIGRTMIN();
     flatlet_vmm::sys::install_kick_handler(kick)
         .map_err(|e| Failure::new(EXIT_ERROR, format!("cannot install the vCPU kick handler: {e}")))?;
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         common.id.clone(),
         host,
         HostLimits::probe(),
         Box::new(console::output),
         kick,
     );
+    if let Some(us) = fc.start_time_us {
+        let start = StartTime::given(us, fc.start_time_cpu_us, fc.parent_cpu_time_us.unwrap_or(0));
+        controller.set_start(start);
+        controller.set_startup(Startup {
+            wall_us: start.wall_elapsed().as_micros() as u64,
+            cpu_us: start.cpu_elapsed().as_micros() as u64,
+        });
+    }
     let input = console::input().map(|f| Box::new(f) as Box<dyn ConsoleInput>);
     let mut rt = Runtime::new(controller, input).map_err(|e| Failure::new(EXIT_ERROR, e))?;
     let signals = signals::SignalWatch::install(rt.stop_handle())
@@ -191,14 +288,29 @@ fn runtime(common: &CommonArgs) -> Result<Runtime, Failure> {
     Ok(rt)
 }
 
-fn run(args: &RunArgs, common: &CommonArgs) -> Result<i32, Failure> {
-    let requests = run_requests(args)?;
-    let mut rt = runtime(common)?;
+fn run(args: &RunArgs, common: &CommonArgs, fc: &FirecrackerArgs) -> Result<i32, Failure> {
+    let mut requests = metrics_flag(fc);
+    requests.extend(run_requests(args)?);
+    let mut rt = runtime(common, fc)?;
     filter_vmm_thread()?;
     for req in requests {
         rt.handle(req)?;
     }
     run_to_exit(rt)
+}
+
+/// `--metrics-path`: the request that sets it up.
+fn metrics_flag(fc: &FirecrackerArgs) -> Vec<Request> {
+    fc.metrics_path
+        .iter()
+        .map(|p| {
+            Request::PutMetrics(MetricsConfig {
+                metrics_path: p.clone(),
+                emit_id: None,
+                properties: None,
+            })
+        })
+        .collect()
 }
 
 /// Installs the VMM thread's seccomp filter: before any request (and so
@@ -221,10 +333,11 @@ fn run_to_exit(mut rt: Runtime) -> Result<i32, Failure> {
 
 /// `--api-sock`: serves the API, and boots the config file's VM if given.
 fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failure> {
-    let requests = config
-        .map(|p| run_requests(&RunArgs::from_config_file(p)))
-        .transpose()?;
-    let mut rt = runtime(&cli.common)?;
+    let mut requests = metrics_flag(&cli.fc);
+    if let Some(p) = config {
+        requests.extend(run_requests(&RunArgs::from_config_file(p))?);
+    }
+    let mut rt = runtime(&cli.common, &cli.fc)?;
     let listener = flatlet_api::server::bind(sock).map_err(|e| Failure::new(EXIT_BAD_CONFIG, e))?;
     let _socket = flatlet_api::server::SocketFile(sock.to_path_buf());
     let sender = rt.api_sender().map_err(|e| Failure::new(EXIT_ERROR, e))?;
@@ -233,7 +346,7 @@ fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failu
     filter_vmm_thread()?;
     api.wait_ready().map_err(|e| Failure::new(EXIT_ERROR, e))?;
     info!("API server listening on {}", sock.display());
-    for req in requests.into_iter().flatten() {
+    for req in requests {
         rt.handle(req)?;
     }
     run_to_exit(rt)

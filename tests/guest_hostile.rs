@@ -178,11 +178,12 @@ fn a_console_nobody_reads_stalls_nothing() {
         );
         std::thread::sleep(Duration::from_millis(250));
     };
-    // Still dropping: the guest goes on (its vCPU is not stuck).
+    // Still dropping: the guest goes on (its vCPU is not stuck). Counters
+    // are changes since the previous line, as in Firecracker.
     std::thread::sleep(Duration::from_millis(500));
     let m = metrics(&vmm, &metrics_path);
     let later = m["uart"]["missed_write_count"].as_u64().unwrap();
-    assert!(later > missed, "the guest stopped: {missed} then {later}");
+    assert!(later > 0, "the guest stopped: {missed} then {later} more");
     assert!(m["uart"]["write_count"].as_u64().unwrap() > later, "{m}");
     // The API answers, and the vCPU obeys pause and resume.
     let r = vmm.ok("GET", "/", None, quick);

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use flatlet_vmm::config::devices::{DriveConfig, DriveUpdate, NetConfig, NetUpdate};
 use flatlet_vmm::config::{BootSource, BootSourceConfig, MachineConfig, MachineConfigUpdate};
-use flatlet_vmm::controller::{Request, Response};
+use flatlet_vmm::controller::{FIRECRACKER_API_VERSION, Request, Response};
 use flatlet_vmm::logger::LoggerConfig;
 use flatlet_vmm::metrics::MetricsConfig;
 
@@ -45,6 +45,9 @@ pub enum RouteError {
     /// The id in the path and the one in the body differ.
     #[error("The id from the path does not match the id from the body!")]
     IdMismatch,
+    /// A GET with a body (Firecracker refuses them).
+    #[error("GET request cannot have a body.")]
+    GetWithBody,
 }
 
 /// `PUT /actions`.
@@ -92,6 +95,9 @@ fn same_id(path_id: &str, body_id: &str) -> Result<(), RouteError> {
 /// Turns a request into a controller request.
 pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError> {
     let not_found = || RouteError::NotFound(method.to_string(), path.to_string());
+    if method == "GET" && !raw.is_empty() {
+        return Err(RouteError::GetWithBody);
+    }
     let trimmed = path.trim_end_matches('/');
     let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
     Ok(match (method, segments.as_slice()) {
@@ -148,7 +154,10 @@ pub fn reply(result: Result<Response, String>) -> (u16, Option<String>) {
         Ok(Response::VmConfig(c)) => (200, Some(json(serde_json::to_string(&c)))),
         Ok(Response::Version(v)) => (
             200,
-            Some(serde_json::json!({"firecracker_version": v, "flatlet_version": v}).to_string()),
+            Some(
+                serde_json::json!({"firecracker_version": FIRECRACKER_API_VERSION, "flatlet_version": v})
+                    .to_string(),
+            ),
         ),
         Err(message) => fault(&message),
     }
@@ -257,6 +266,11 @@ mod tests {
         assert_eq!(parse("PUT", "/drives/", b"{}"), Err(nf("PUT", "/drives/")));
         assert_eq!(parse("PUT", "/drives/a/b", b"{}"), Err(nf("PUT", "/drives/a/b")));
         assert_eq!(parse("PUT", "/machine-config", b""), Err(RouteError::EmptyBody));
+        assert_eq!(parse("GET", "/version", b"{}"), Err(RouteError::GetWithBody));
+        assert!(matches!(
+            ok("PUT", "/logger", r#"{"level": "debug"}"#),
+            Request::PutLogger(_)
+        ));
         assert!(matches!(
             parse("PUT", "/machine-config", b"{"),
             Err(RouteError::Body(_))
@@ -295,6 +309,8 @@ mod tests {
         assert_eq!(body.unwrap(), r#"{"fault_message":"nope"}"#);
         let (code, body) = reply(Ok(Response::Version("1.2.3".into())));
         assert_eq!(code, 200);
-        assert!(body.unwrap().contains(r#""firecracker_version":"1.2.3""#));
+        let v: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
+        assert_eq!(v["firecracker_version"], FIRECRACKER_API_VERSION);
+        assert_eq!(v["flatlet_version"], "1.2.3");
     }
 }

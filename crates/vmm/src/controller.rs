@@ -12,11 +12,19 @@ use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineC
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
 use crate::host::HostKind;
 use crate::logger::{self, LoggerConfig};
-use crate::metrics::{MetricsConfig, MetricsSink, RequestCounters, Snapshot};
+use crate::metrics::{
+    DeviceCounters, Latencies, MetricsConfig, MetricsSink, RequestCounters, Snapshot, Startup, device_kind,
+};
 use crate::vm::{self, BuildContext, BuildError, Vm};
+
+pub use flatlet_devices::boot_timer::StartTime;
 
 /// flatlet's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version of Firecracker's API whose behaviour flatlet follows (its
+/// OpenAPI file's `info.version`), reported by `GET /version` as
+/// `firecracker_version`.
+pub const FIRECRACKER_API_VERSION: &str = "1.17.0-dev";
 
 /// Something asked of the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +95,12 @@ pub struct FullVmConfig {
     /// Network interfaces.
     #[serde(rename = "network-interfaces")]
     pub network_interfaces: Vec<NetConfig>,
+    /// The logger, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    /// The metrics, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// What a request returns.
@@ -157,6 +171,12 @@ pub struct Controller {
     kick_signal: i32,
     metrics: Option<MetricsSink>,
     counters: RequestCounters,
+    /// Where the boot time counts from, if the caller gave it.
+    start: Option<StartTime>,
+    startup: Startup,
+    latencies: Latencies,
+    /// The logger settings given so far (for `GET /vm/config`).
+    logger: Option<LoggerConfig>,
 }
 
 /// Makes the writer guest console output goes to.
@@ -181,7 +201,22 @@ impl Controller {
             kick_signal,
             metrics: None,
             counters: RequestCounters::default(),
+            start: None,
+            startup: Startup::default(),
+            latencies: Latencies::default(),
+            logger: None,
         }
+    }
+
+    /// Makes the boot time count from `start` (Firecracker's
+    /// `--start-time-us`) instead of the start of the VM build.
+    pub fn set_start(&mut self, start: StartTime) {
+        self.start = Some(start);
+    }
+
+    /// Records the process's start-up times (for metrics).
+    pub fn set_startup(&mut self, startup: Startup) {
+        self.startup = startup;
     }
 
     /// The running (or paused) VM.
@@ -204,9 +239,13 @@ impl Controller {
     /// Handles one request.
     pub fn handle(&mut self, req: Request) -> Result<Response, ControllerError> {
         self.counters.requests += 1;
+        let metric = api_metric(&req);
         let result = self.dispatch(req);
         if result.is_err() {
             self.counters.errors += 1;
+        }
+        if let Some((group, name)) = metric {
+            self.counters.count(group, name, result.is_err());
         }
         result
     }
@@ -223,6 +262,7 @@ impl Controller {
             (_, Request::GetVersion) => Ok(Response::Version(VERSION.into())),
             (_, Request::PutLogger(c)) => {
                 logger::configure(&c)?;
+                self.logger = Some(merge_logger(self.logger.take(), c));
                 Ok(Response::Empty)
             }
             (_, Request::PutMetrics(c)) => {
@@ -234,12 +274,18 @@ impl Controller {
                 self.metrics = Some(MetricsSink::open(&c)?);
                 Ok(Response::Empty)
             }
+            // As Firecracker: an action on a running VM, that does
+            // nothing when no metrics file is set.
+            (State::NotStarted, Request::FlushMetrics) => Err(ControllerError::State(NOT_BEFORE_START)),
+            (_, Request::FlushMetrics) if self.metrics.is_none() => Ok(Response::Empty),
             (_, Request::FlushMetrics) => self.flush_metrics(),
             (_, Request::GetVmConfig) => Ok(Response::VmConfig(Box::new(FullVmConfig {
                 boot_source: self.config.boot.as_ref().map(BootSource::to_config),
                 machine_config: self.config.machine.clone(),
                 drives: self.config.drives.clone(),
                 network_interfaces: self.config.nets.clone(),
+                logger: self.logger.clone(),
+                metrics: self.metrics.as_ref().map(|m| m.config().clone()),
             }))),
             (State::NotStarted, Request::PutMachineConfig(m)) => {
                 m.validate(&self.limits)?;
@@ -340,6 +386,7 @@ impl Controller {
             host: self.host,
             serial_out: (self.serial_out)(),
             kick_signal: self.kick_signal,
+            start: self.start,
         };
         let vm = vm::build(&self.config, ctx)?;
         self.state = State::Running(vm);
@@ -350,9 +397,11 @@ impl Controller {
         let State::Running(vm) = &self.state else {
             return Ok(Response::Empty);
         };
+        let t = std::time::Instant::now();
         if let Err(e) = vm.pause() {
             return Err(self.undo_failed(VcpuCommandKind::Pause, e));
         }
+        self.latencies.pause_vm = t.elapsed().as_micros() as u64;
         info!("VM paused");
         self.state = match std::mem::replace(&mut self.state, State::Exited) {
             State::Running(vm) => State::Paused(vm),
@@ -365,9 +414,11 @@ impl Controller {
         let State::Paused(vm) = &self.state else {
             return Ok(Response::Empty);
         };
+        let t = std::time::Instant::now();
         if let Err(e) = vm.resume() {
             return Err(self.undo_failed(VcpuCommandKind::Resume, e));
         }
+        self.latencies.resume_vm = t.elapsed().as_micros() as u64;
         info!("VM resumed");
         self.state = match std::mem::replace(&mut self.state, State::Exited) {
             State::Paused(vm) => State::Running(vm),
@@ -415,9 +466,21 @@ impl Controller {
             _ => None,
         };
         let devices = vm
-            .map(|vm| vm.virtio.iter().map(|s| (s.id.clone(), s.counters())).collect())
+            .map(|vm| {
+                vm.virtio
+                    .iter()
+                    .map(|s| DeviceCounters {
+                        kind: device_kind(flatlet_devices::bus::lock(&s.device).device_type()),
+                        id: s.id.clone(),
+                        counters: s.counters(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let snapshot = Snapshot {
+            id: &self.id,
+            startup: self.startup,
+            latencies: self.latencies,
             requests: &self.counters,
             exits: vm.map(Vm::exit_counters),
             devices,
@@ -464,6 +527,42 @@ impl Controller {
 enum VcpuCommandKind {
     Pause,
     Resume,
+}
+
+/// Firecracker's metric group and counter name of a request.
+fn api_metric(req: &Request) -> Option<(&'static str, &'static str)> {
+    const GET: &str = "get_api_requests";
+    const PUT: &str = "put_api_requests";
+    const PATCH: &str = "patch_api_requests";
+    Some(match req {
+        Request::GetInstanceInfo => (GET, "instance_info"),
+        Request::GetMachineConfig => (GET, "machine_cfg"),
+        Request::GetVersion => (GET, "vmm_version"),
+        Request::PutMachineConfig(_) => (PUT, "machine_cfg"),
+        Request::PatchMachineConfig(_) => (PATCH, "machine_cfg"),
+        Request::PutBootSource(_) => (PUT, "boot_source"),
+        Request::PutDrive(_) => (PUT, "drive"),
+        Request::PatchDrive(_) => (PATCH, "drive"),
+        Request::PutNetworkInterface(_) => (PUT, "network"),
+        Request::PatchNetworkInterface(_) => (PATCH, "network"),
+        Request::Start | Request::SendCtrlAltDel | Request::FlushMetrics => (PUT, "actions"),
+        Request::PutLogger(_) => (PUT, "logger"),
+        Request::PutMetrics(_) => (PUT, "metrics"),
+        _ => return None,
+    })
+}
+
+/// The logger settings after `new` is applied to `old` (fields `new`
+/// leaves out keep their values).
+fn merge_logger(old: Option<LoggerConfig>, new: LoggerConfig) -> LoggerConfig {
+    let Some(old) = old else { return new };
+    LoggerConfig {
+        log_path: new.log_path.or(old.log_path),
+        level: new.level.or(old.level),
+        show_level: new.show_level.or(old.show_level),
+        show_log_origin: new.show_log_origin.or(old.show_log_origin),
+        module: new.module.or(old.module),
+    }
 }
 
 /// Replaces the element `same` as `new`, or appends `new`.

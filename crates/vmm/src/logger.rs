@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
 
-/// Firecracker's log levels.
+/// Firecracker's log levels. Read in any case (`debug`, `DEBUG`), and
+/// `Warn` for `Warning`, as Firecracker reads them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub enum Level {
     /// Nothing.
     Off,
@@ -44,6 +46,35 @@ pub enum Level {
     Debug,
     /// Everything.
     Trace,
+}
+
+/// A level name that is none of Firecracker's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid log level {0:?}: expected one of Error, Warning, Info, Debug, Trace, Off (any case)")]
+pub struct LevelError(String);
+
+impl std::str::FromStr for Level {
+    type Err = LevelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "off" => Level::Off,
+            "error" => Level::Error,
+            "warning" | "warn" => Level::Warning,
+            "info" => Level::Info,
+            "debug" => Level::Debug,
+            "trace" => Level::Trace,
+            _ => return Err(LevelError(s.to_string())),
+        })
+    }
+}
+
+impl TryFrom<String> for Level {
+    type Error = LevelError;
+
+    fn try_from(s: String) -> Result<Self, LevelError> {
+        s.parse()
+    }
 }
 
 impl From<Level> for LevelFilter {
@@ -452,6 +483,16 @@ pub(crate) mod tests {
         assert_eq!(c.level, Some(Level::Warning));
         assert_eq!(LevelFilter::from(Level::Warning), LevelFilter::Warn);
         assert!(serde_json::from_str::<LoggerConfig>(r#"{"level": "Loud"}"#).is_err());
+        for (text, level) in [
+            ("debug", Level::Debug),
+            ("TRACE", Level::Trace),
+            ("wArN", Level::Warning),
+            ("off", Level::Off),
+        ] {
+            let c: LoggerConfig = serde_json::from_str(&format!(r#"{{"level": "{text}"}}"#)).unwrap();
+            assert_eq!(c.level, Some(level), "{text}");
+        }
+        assert_eq!(serde_json::to_string(&Level::Warning).unwrap(), r#""Warning""#);
         assert!(serde_json::from_str::<LoggerConfig>(r#"{"colour": true}"#).is_err());
     }
 

@@ -129,6 +129,9 @@ pub struct BuildContext {
     pub serial_out: Box<dyn Write + Send>,
     /// The kick signal of vCPU threads (its handler must be installed).
     pub kick_signal: i32,
+    /// Where the boot time counts from (`--start-time-us`); the start of
+    /// the build when not given.
+    pub start: Option<StartTime>,
 }
 
 /// A running (or paused) VM.
@@ -172,8 +175,9 @@ impl Steps {
 
 /// Builds and starts a VM.
 pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
-    let start = StartTime::now();
-    let mut steps = Steps { last: start.wall };
+    let build_start = Instant::now();
+    let start = ctx.start.unwrap_or_else(StartTime::now);
+    let mut steps = Steps { last: build_start };
     let machine = &config.machine;
     let boot = config.boot.as_ref().ok_or(ConfigError::MissingBootSource)?;
     let cpus = machine.vcpu_count;

@@ -371,10 +371,12 @@ pub struct ConfigFile {
     balloon: Option<serde_json::Value>,
     #[serde(default)]
     vsock: Option<serde_json::Value>,
+    /// The logger, configured as `PUT /logger` does.
     #[serde(default)]
-    logger: Option<serde_json::Value>,
+    pub logger: Option<crate::logger::LoggerConfig>,
+    /// The metrics file, configured as `PUT /metrics` does.
     #[serde(default)]
-    metrics: Option<serde_json::Value>,
+    pub metrics: Option<crate::metrics::MetricsConfig>,
     #[serde(default)]
     mmds_config: Option<serde_json::Value>,
     #[serde(default)]
@@ -425,8 +427,6 @@ impl ConfigFile {
             ("cpu-config", self.cpu_config.is_some()),
             ("balloon", self.balloon.is_some()),
             ("vsock", self.vsock.is_some()),
-            ("logger", self.logger.is_some()),
-            ("metrics", self.metrics.is_some()),
             ("mmds-config", self.mmds_config.is_some()),
             ("entropy", self.entropy.is_some()),
             ("pmem", self.pmem.is_some()),
@@ -550,7 +550,10 @@ mod tests {
             ..c.clone()
         };
         let e = BootSource::from_config(&dir).unwrap_err();
-        assert_eq!(e.to_string(), "cannot read initrd /: it is a directory, not a regular file");
+        assert_eq!(
+            e.to_string(),
+            "cannot read initrd /: it is a directory, not a regular file"
+        );
         let empty = BootSourceConfig {
             kernel_image_path: String::new(),
             boot_args: None,
