@@ -228,6 +228,74 @@ pub struct Jail {
     pub daemonize: bool,
     /// The VMM's arguments.
     pub vmm_args: Vec<String>,
+    /// When the jailer started, for the VMM's start-time flags.
+    pub start: StartTimes,
+}
+
+/// The environment variable that carries the jailer's [`StartTimes`] to
+/// the child that becomes the VMM (a new PID namespace, or detaching).
+pub const START_ENV: &str = "FLATLET_JAILER_START";
+
+/// Firecracker's jailer contract: the VMM is started with `--id <id>
+/// --start-time-us <t> --start-time-cpu-us <t> --parent-cpu-time-us <t>`
+/// before the user's arguments, so that its boot time and start-up
+/// metrics count from the jailer's start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartTimes {
+    /// The jailer's start, in microseconds of `CLOCK_MONOTONIC`.
+    pub wall_us: u64,
+    /// This process's CPU time at that start (it goes on across `exec`).
+    pub cpu_us: u64,
+    /// CPU time a parent jailer process spent before this one.
+    pub parent_cpu_us: u64,
+}
+
+fn clock_us(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
+        .map(|t| std::time::Duration::from(t).as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl StartTimes {
+    /// Now, or what the parent jailer passed in [`START_ENV`]
+    /// (`<wall_us>,<parent_cpu_us>`: this process's CPU time then counts
+    /// from 0).
+    pub fn now() -> Self {
+        let inherited = std::env::var(START_ENV).ok().and_then(|v| {
+            let (wall, parent) = v.split_once(',')?;
+            Some(Self {
+                wall_us: wall.parse().ok()?,
+                cpu_us: 0,
+                parent_cpu_us: parent.parse().ok()?,
+            })
+        });
+        inherited.unwrap_or_else(|| Self {
+            wall_us: clock_us(nix::time::ClockId::CLOCK_MONOTONIC),
+            cpu_us: clock_us(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID),
+            parent_cpu_us: 0,
+        })
+    }
+
+    /// What a child process is given in [`START_ENV`]: the start, and the
+    /// CPU time spent so far.
+    pub fn for_child(&self) -> String {
+        let spent = clock_us(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(self.cpu_us);
+        format!("{},{}", self.wall_us, spent + self.parent_cpu_us)
+    }
+
+    /// The VMM's arguments before the user's.
+    pub fn vmm_flags(&self, id: &str) -> Vec<String> {
+        vec![
+            "--id".into(),
+            id.into(),
+            "--start-time-us".into(),
+            self.wall_us.to_string(),
+            "--start-time-cpu-us".into(),
+            self.cpu_us.to_string(),
+            "--parent-cpu-time-us".into(),
+            self.parent_cpu_us.to_string(),
+        ]
+    }
 }
 
 impl Jail {
@@ -280,6 +348,7 @@ impl Jail {
             new_pid_ns: a.new_pid_ns,
             daemonize: a.daemonize,
             vmm_args: a.vmm_args.clone(),
+            start: StartTimes::now(),
         })
     }
 
@@ -433,7 +502,7 @@ impl Jail {
 
         let path = CString::new(format!("/{}", self.place.exec_name)).map_err(step("exec path"))?;
         let mut argv = vec![CString::new(self.place.exec_name.clone()).map_err(step("argv"))?];
-        for a in &self.vmm_args {
+        for a in self.start.vmm_flags(&self.place.id).iter().chain(&self.vmm_args) {
             argv.push(CString::new(a.as_str()).map_err(step("argv"))?);
         }
         let env: [CString; 0] = [];

@@ -90,6 +90,7 @@ fn run(j: &Jail) -> ExitCode {
     let mut child = match Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env(STAGE_ENV, "1")
+        .env(jail::START_ENV, j.start.for_child())
         .spawn()
     {
         Ok(c) => c,

@@ -803,3 +803,75 @@ fn warns_when_the_vmm_would_run_as_root() {
     let out = clean(&base.0, &root_1, &["--exec-name", "not-a-vmm"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Firecracker's jailer contract: the VMM gets `--id <id> --start-time-us
+/// <t> --start-time-cpu-us <t> --parent-cpu-time-us <t>` before the
+/// user's arguments. A static stub VMM records its argv inside the jail.
+#[test]
+fn the_vmm_gets_firecrackers_start_flags_first() {
+    let test = "the_vmm_gets_firecrackers_start_flags_first";
+    if !is_root(test) {
+        return;
+    }
+    let base = Base::made("contract");
+    let src = base.0.join("stub.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(int c, char **v) { FILE *f = fopen(\"/argv.txt\", \"w\");\n\
+         if (!f) return 3; for (int i = 0; i < c; i++) fprintf(f, \"%s\\n\", v[i]); return fclose(f) ? 4 : 0; }\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(base.0.join("bin")).unwrap();
+    let stub = base.0.join("bin/stub");
+    let cc = Command::new("cc")
+        .arg("-static")
+        .arg("-o")
+        .arg(&stub)
+        .arg(&src)
+        .output();
+    if !cc.as_ref().is_ok_and(|o| o.status.success()) {
+        skip(test, "no C compiler that links statically", true);
+        return;
+    }
+    for (tag, extra) in [("plain", &[][..]), ("pidns", &["--new-pid-ns"][..])] {
+        let id = unique(&format!("contract-{tag}"));
+        let before = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        let before_us = Duration::from(before).as_micros() as u64;
+        let out = jail_cmd(
+            &base.0,
+            &id,
+            &stub,
+            extra,
+            &["--api-sock", "/api.sock", "--no-seccomp"],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{tag}: {}", stderr(&out));
+        let argv = std::fs::read_to_string(base.0.join(format!("stub/{id}/root/argv.txt"))).unwrap();
+        let argv: Vec<&str> = argv.lines().collect();
+        assert_eq!(argv.len(), 12, "{argv:?}");
+        assert_eq!(argv[0], "stub");
+        assert_eq!(&argv[1..3], &["--id", id.as_str()]);
+        assert_eq!(argv[3], "--start-time-us");
+        let start: u64 = argv[4].parse().unwrap();
+        assert!(
+            start >= before_us && start < before_us + 10_000_000,
+            "{start} vs {before_us}"
+        );
+        assert_eq!(argv[5], "--start-time-cpu-us");
+        let cpu: u64 = argv[6].parse().unwrap();
+        assert_eq!(argv[7], "--parent-cpu-time-us");
+        let parent: u64 = argv[8].parse().unwrap();
+        if tag == "pidns" {
+            // The VMM is a new process: its CPU time counts from 0, and
+            // the jailer's goes in --parent-cpu-time-us.
+            assert_eq!(cpu, 0);
+            assert!(parent > 0, "{argv:?}");
+        } else {
+            assert_eq!(parent, 0);
+        }
+        assert_eq!(&argv[9..], &["--api-sock", "/api.sock", "--no-seccomp"]);
+        assert!(clean(&base.0, &id, &["--exec-name", "stub"]).status.success());
+    }
+}
