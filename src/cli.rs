@@ -82,12 +82,12 @@ pub struct FirecrackerArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "no_seccomp")]
     pub seccomp_filter: Option<PathBuf>,
 
-    /// Size limit of the MMDS data store, in bytes. flatlet has no MMDS
-    /// yet: accepted and unused.
+    /// Size limit of the MMDS data store, in bytes of JSON (default
+    /// 51200).
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<u64>,
 
-    /// A JSON file of MMDS contents: refused, flatlet has no MMDS yet.
+    /// A JSON file of MMDS contents: seeds the data store, as `PUT /mmds`.
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,
 

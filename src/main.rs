@@ -145,18 +145,6 @@ fn firecracker_flags(cli: &Cli) -> Result<(), Failure> {
              --no-seccomp",
         ));
     }
-    if let Some(path) = &fc.metadata {
-        return Err(Failure::new(
-            EXIT_BAD_CONFIG,
-            format!(
-                "--metadata {}: flatlet has no MMDS (microVM metadata service) yet, so it cannot serve metadata",
-                path.display()
-            ),
-        ));
-    }
-    if let Some(limit) = fc.mmds_size_limit {
-        info!("--mmds-size-limit {limit}: flatlet has no MMDS yet; the limit is accepted and unused");
-    }
     if fc.enable_pci {
         info!(
             "--enable-pci: flatlet's devices are virtio-mmio, announced on the kernel command line \
@@ -208,6 +196,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     };
     // The logger and metrics first, so that they see the rest.
     let mut settings = Vec::new();
+    let mut mmds = None;
     if let Some(path) = &args.config_file {
         let file = ConfigFile::load(path)?;
         settings.extend(file.logger.map(Request::PutLogger));
@@ -218,6 +207,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         }
         drives = file.drives;
         nets = file.network_interfaces;
+        mmds = file.mmds_config;
     }
     // Limits first, so that a huge file is refused at once, by its count.
     validate_count(drives.len() + args.drives.len(), nets.len() + args.nets.len())?;
@@ -253,6 +243,8 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     requests.extend([Request::PutMachineConfig(machine), Request::PutBootSource(boot)]);
     requests.extend(drives.into_iter().map(Request::PutDrive));
     requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
+    // After the interfaces it names.
+    requests.extend(mmds.map(Request::PutMmdsConfig));
     requests.push(Request::Start);
     Ok(requests)
 }
@@ -272,6 +264,7 @@ fn runtime(common: &CommonArgs, fc: &FirecrackerArgs) -> Result<Runtime, Failure
         Box::new(console::output),
         kick,
     );
+    controller.set_mmds_size_limit(mmds_size_limit(fc));
     if let Some(us) = fc.start_time_us {
         let start = StartTime::given(us, fc.start_time_cpu_us, fc.parent_cpu_time_us.unwrap_or(0));
         controller.set_start(start);
@@ -290,6 +283,7 @@ fn runtime(common: &CommonArgs, fc: &FirecrackerArgs) -> Result<Runtime, Failure
 
 fn run(args: &RunArgs, common: &CommonArgs, fc: &FirecrackerArgs) -> Result<i32, Failure> {
     let mut requests = metrics_flag(fc);
+    requests.extend(metadata_flag(fc)?);
     requests.extend(run_requests(args)?);
     let mut rt = runtime(common, fc)?;
     filter_vmm_thread()?;
@@ -297,6 +291,24 @@ fn run(args: &RunArgs, common: &CommonArgs, fc: &FirecrackerArgs) -> Result<i32,
         rt.handle(req)?;
     }
     run_to_exit(rt)
+}
+
+/// `--metadata`: the request that seeds the MMDS data store.
+fn metadata_flag(fc: &FirecrackerArgs) -> Result<Vec<Request>, Failure> {
+    let Some(path) = &fc.metadata else {
+        return Ok(Vec::new());
+    };
+    let limit = mmds_size_limit(fc);
+    let value = flatlet_vmm::mmds::read_metadata(path, flatlet_vmm::mmds::metadata_file_limit(limit))?;
+    Ok(vec![Request::PutMmds(value)])
+}
+
+/// `--mmds-size-limit`, or Firecracker's default.
+fn mmds_size_limit(fc: &FirecrackerArgs) -> usize {
+    fc.mmds_size_limit
+        .map_or(flatlet_vmm::mmds::DEFAULT_SIZE_LIMIT, |l| {
+            usize::try_from(l).unwrap_or(usize::MAX)
+        })
 }
 
 /// `--metrics-path`: the request that sets it up.
@@ -334,6 +346,7 @@ fn run_to_exit(mut rt: Runtime) -> Result<i32, Failure> {
 /// `--api-sock`: serves the API, and boots the config file's VM if given.
 fn serve_api(sock: &Path, config: Option<&Path>, cli: &Cli) -> Result<i32, Failure> {
     let mut requests = metrics_flag(&cli.fc);
+    requests.extend(metadata_flag(&cli.fc)?);
     if let Some(p) = config {
         requests.extend(run_requests(&RunArgs::from_config_file(p))?);
     }

@@ -398,7 +398,6 @@ fn openapi_lists_exactly_the_routes_served() {
             "/snapshot/create",
             "/snapshot/load",
             "/vsock",
-            "/mmds",
             "/entropy",
             "/cpu-config",
             "/serial",

@@ -10,6 +10,7 @@ use flatlet_vmm::config::{BootSource, BootSourceConfig, MachineConfig, MachineCo
 use flatlet_vmm::controller::{FIRECRACKER_API_VERSION, Request, Response};
 use flatlet_vmm::logger::LoggerConfig;
 use flatlet_vmm::metrics::MetricsConfig;
+use flatlet_vmm::mmds::MmdsConfig;
 
 /// Every (method, path) flatlet serves; `{...}` is a path parameter.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -28,6 +29,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/config"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
+    ("GET", "/mmds"),
+    ("PUT", "/mmds"),
+    ("PATCH", "/mmds"),
+    ("PUT", "/mmds/config"),
 ];
 
 /// Why a request could not become a controller request.
@@ -140,12 +145,17 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
         ("GET", ["vm", "config"]) => Request::GetVmConfig,
         ("PUT", ["logger"]) => Request::PutLogger(body::<LoggerConfig>(raw)?),
         ("PUT", ["metrics"]) => Request::PutMetrics(body::<MetricsConfig>(raw)?),
+        ("GET", ["mmds"]) => Request::GetMmds,
+        ("PUT", ["mmds"]) => Request::PutMmds(body::<serde_json::Value>(raw)?),
+        ("PATCH", ["mmds"]) => Request::PatchMmds(body::<serde_json::Value>(raw)?),
+        ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(body::<MmdsConfig>(raw)?),
         _ => return Err(not_found()),
     })
 }
 
-/// The HTTP status and JSON body (if any) of a controller's answer.
-pub fn reply(result: Result<Response, String>) -> (u16, Option<String>) {
+/// The HTTP status and JSON body (if any) of a controller's answer (an
+/// error comes with its status).
+pub fn reply(result: Result<Response, (u16, String)>) -> (u16, Option<String>) {
     let json = |v: serde_json::Result<String>| v.unwrap_or_else(|e| format!("{{\"fault_message\":\"{e}\"}}"));
     match result {
         Ok(Response::Empty) => (204, None),
@@ -159,7 +169,8 @@ pub fn reply(result: Result<Response, String>) -> (u16, Option<String>) {
                     .to_string(),
             ),
         ),
-        Err(message) => fault(&message),
+        Ok(Response::Mmds(v)) => (200, Some(v.to_string())),
+        Err((status, message)) => (status, fault(&message).1),
     }
 }
 
@@ -254,6 +265,31 @@ mod tests {
             ok("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
             Request::PutMetrics(_)
         ));
+        assert_eq!(ok("GET", "/mmds", ""), Request::GetMmds);
+        assert_eq!(
+            ok("PUT", "/mmds", r#"{"latest": {"a": "b"}}"#),
+            Request::PutMmds(serde_json::json!({"latest": {"a": "b"}}))
+        );
+        assert_eq!(
+            ok("PATCH", "/mmds", r#"{"a": null}"#),
+            Request::PatchMmds(serde_json::json!({"a": null}))
+        );
+        assert!(matches!(
+            ok(
+                "PUT",
+                "/mmds/config",
+                r#"{"network_interfaces": ["eth0"], "version": "V2"}"#
+            ),
+            Request::PutMmdsConfig(_)
+        ));
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/mmds/config",
+                br#"{"network_interfaces": [], "ipv4": "x"}"#
+            ),
+            Err(RouteError::Body(_))
+        ));
         // A trailing slash is the same path.
         assert_eq!(ok("GET", "/machine-config/", ""), Request::GetMachineConfig);
     }
@@ -304,9 +340,14 @@ mod tests {
     #[test]
     fn replies() {
         assert_eq!(reply(Ok(Response::Empty)), (204, None));
-        let (code, body) = reply(Err("nope".into()));
+        let (code, body) = reply(Err((400, "nope".into())));
         assert_eq!(code, 400);
         assert_eq!(body.unwrap(), r#"{"fault_message":"nope"}"#);
+        let (code, body) = reply(Err((413, "too large".into())));
+        assert_eq!(code, 413);
+        assert_eq!(body.unwrap(), r#"{"fault_message":"too large"}"#);
+        let (code, body) = reply(Ok(Response::Mmds(serde_json::json!({"a": 1}))));
+        assert_eq!((code, body.unwrap().as_str()), (200, r#"{"a":1}"#));
         let (code, body) = reply(Ok(Response::Version("1.2.3".into())));
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();

@@ -338,7 +338,7 @@ async fn handle(
     let call = ApiCall {
         request,
         reply: Box::new(move |result| {
-            let _ = tx.send(result.map_err(|e| e.to_string()));
+            let _ = tx.send(result.map_err(|e| (e.http_status(), e.to_string())));
         }),
     };
     if vmm.send(call).is_err() {

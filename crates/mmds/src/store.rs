@@ -114,6 +114,11 @@ impl Mmds {
         self.limit
     }
 
+    /// Changes the size limit (for contents put from now on).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// The guest-side protocol.
     pub fn version(&self) -> MmdsVersion {
         self.version

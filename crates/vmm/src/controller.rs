@@ -3,7 +3,9 @@
 //! (state, request).
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
+use flatlet_mmds::{Mmds, MmdsConfig, MmdsConfigError, StoreError};
 use log::info;
 use serde::Serialize;
 
@@ -15,6 +17,7 @@ use crate::logger::{self, LoggerConfig};
 use crate::metrics::{
     DeviceCounters, Latencies, MetricsConfig, MetricsSink, RequestCounters, Snapshot, Startup, device_kind,
 };
+use crate::mmds::{self, SharedMmds};
 use crate::vm::{self, BuildContext, BuildError, Vm};
 
 pub use flatlet_devices::boot_timer::StartTime;
@@ -65,6 +68,14 @@ pub enum Request {
     PutMetrics(MetricsConfig),
     /// `FlushMetrics`.
     FlushMetrics,
+    /// `GET /mmds`.
+    GetMmds,
+    /// `PUT /mmds`: replaces the MMDS contents (also `--metadata`).
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch of the MMDS contents.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// `GET /` body.
@@ -101,6 +112,9 @@ pub struct FullVmConfig {
     /// The metrics, if configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// MMDS, if configured (its address always shown).
+    #[serde(rename = "mmds-config", skip_serializing_if = "Option::is_none")]
+    pub mmds_config: Option<MmdsConfig>,
 }
 
 /// What a request returns.
@@ -116,6 +130,8 @@ pub enum Response {
     VmConfig(Box<FullVmConfig>),
     /// The VMM's version.
     Version(String),
+    /// The MMDS contents.
+    Mmds(serde_json::Value),
 }
 
 /// Why a request failed.
@@ -136,15 +152,33 @@ pub enum ControllerError {
     /// A host I/O operation failed.
     #[error("{0}")]
     Io(String),
+    /// The MMDS data store refused a change.
+    #[error("MMDS: {0}")]
+    Mmds(#[from] StoreError),
+    /// An invalid MMDS configuration.
+    #[error(transparent)]
+    MmdsConfig(#[from] MmdsConfigError),
 }
 
 impl ControllerError {
     /// The process exit code when this error ends flatlet.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ControllerError::Config(_) | ControllerError::State(_) => EXIT_BAD_CONFIG,
+            ControllerError::Config(_)
+            | ControllerError::State(_)
+            | ControllerError::Mmds(_)
+            | ControllerError::MmdsConfig(_) => EXIT_BAD_CONFIG,
             ControllerError::Build(e) => e.exit_code(),
             ControllerError::Vcpu(_) | ControllerError::Io(_) => EXIT_ERROR,
+        }
+    }
+
+    /// The HTTP status of this error (Firecracker's 413 for MMDS contents
+    /// over the limit, 400 for the rest).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControllerError::Mmds(StoreError::TooLarge { .. }) => 413,
+            _ => 400,
         }
     }
 }
@@ -177,6 +211,8 @@ pub struct Controller {
     latencies: Latencies,
     /// The logger settings given so far (for `GET /vm/config`).
     logger: Option<LoggerConfig>,
+    /// The MMDS data store (the net devices serving it share it).
+    mmds: SharedMmds,
 }
 
 /// Makes the writer guest console output goes to.
@@ -205,7 +241,14 @@ impl Controller {
             startup: Startup::default(),
             latencies: Latencies::default(),
             logger: None,
+            mmds: Arc::new(Mutex::new(Mmds::default())),
         }
+    }
+
+    /// Bounds the MMDS data store to `limit` bytes of JSON
+    /// (`--mmds-size-limit`).
+    pub fn set_mmds_size_limit(&mut self, limit: usize) {
+        mmds::lock(&self.mmds).set_limit(limit);
     }
 
     /// Makes the boot time count from `start` (Firecracker's
@@ -286,7 +329,18 @@ impl Controller {
                 network_interfaces: self.config.nets.clone(),
                 logger: self.logger.clone(),
                 metrics: self.metrics.as_ref().map(|m| m.config().clone()),
+                mmds_config: self.config.mmds.as_ref().map(MmdsConfig::shown),
             }))),
+            // The data store, in any state (as Firecracker).
+            (_, Request::GetMmds) => Ok(Response::Mmds(mmds::lock(&self.mmds).contents())),
+            (_, Request::PutMmds(value)) => {
+                mmds::lock(&self.mmds).put(value)?;
+                Ok(Response::Empty)
+            }
+            (_, Request::PatchMmds(patch)) => {
+                mmds::lock(&self.mmds).patch(&patch)?;
+                Ok(Response::Empty)
+            }
             (State::NotStarted, Request::PutMachineConfig(m)) => {
                 m.validate(&self.limits)?;
                 self.config.machine = m;
@@ -321,6 +375,12 @@ impl Controller {
                 self.config.nets = nets;
                 Ok(Response::Empty)
             }
+            (State::NotStarted, Request::PutMmdsConfig(c)) => {
+                c.validate(self.config.nets.iter().map(|n| n.iface_id.as_str()))?;
+                mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+                self.config.mmds = Some(c);
+                Ok(Response::Empty)
+            }
             (State::NotStarted, Request::Start) => self.start(),
             (
                 State::NotStarted,
@@ -337,7 +397,8 @@ impl Controller {
                 | Request::PatchMachineConfig(_)
                 | Request::PutBootSource(_)
                 | Request::PutDrive(_)
-                | Request::PutNetworkInterface(_),
+                | Request::PutNetworkInterface(_)
+                | Request::PutMmdsConfig(_),
             ) => Err(ControllerError::State(NOT_AFTER_START)),
             (_, Request::Start) => Err(ControllerError::State(
                 "The microVM is already running: InstanceStart is allowed once.",
@@ -389,6 +450,10 @@ impl Controller {
             start: self.start,
         };
         let vm = vm::build(&self.config, ctx)?;
+        // Before the event loop runs again, so before any frame is moved.
+        if let Some(c) = &self.config.mmds {
+            mmds::attach(&vm, c, &self.mmds);
+        }
         self.state = State::Running(vm);
         Ok(Response::Empty)
     }
@@ -548,6 +613,9 @@ fn api_metric(req: &Request) -> Option<(&'static str, &'static str)> {
         Request::Start | Request::SendCtrlAltDel | Request::FlushMetrics => (PUT, "actions"),
         Request::PutLogger(_) => (PUT, "logger"),
         Request::PutMetrics(_) => (PUT, "metrics"),
+        Request::GetMmds => (GET, "mmds"),
+        Request::PutMmds(_) | Request::PutMmdsConfig(_) => (PUT, "mmds"),
+        Request::PatchMmds(_) => (PATCH, "mmds"),
         _ => return None,
     })
 }

@@ -81,6 +81,8 @@ pub struct VirtioSlot {
     pub device: Arc<Mutex<dyn VirtioDevice>>,
     /// The block device, for drive updates (None for other devices).
     pub block: Option<Arc<Mutex<Block>>>,
+    /// The net device, for interface updates (None for other devices).
+    pub net: Option<Arc<Mutex<Net>>>,
     /// What the driver got wrong at the transport.
     pub mmio: Arc<MmioStats>,
 }
@@ -148,12 +150,17 @@ pub fn attach(
     // The root drive first: it becomes /dev/vda.
     drives.sort_by_key(|d| !d.is_root_device);
     // (id, device, the device again if it is a drive)
-    type Created = (String, Arc<Mutex<dyn VirtioDevice>>, Option<Arc<Mutex<Block>>>);
+    type Created = (
+        String,
+        Arc<Mutex<dyn VirtioDevice>>,
+        Option<Arc<Mutex<Block>>>,
+        Option<Arc<Mutex<Net>>>,
+    );
     let mut devices: Vec<Created> = Vec::new();
     let mut cmdline = Vec::new();
     for d in &drives {
         let block = open_drive(d)?;
-        devices.push((d.drive_id.clone(), block.clone(), Some(block)));
+        devices.push((d.drive_id.clone(), block.clone(), Some(block), None));
         if d.is_root_device {
             let mode = if d.is_read_only { "ro" } else { "rw" };
             match &d.partuuid {
@@ -173,11 +180,12 @@ pub fn attach(
             id: n.iface_id.clone(),
             source,
         })?;
-        devices.push((n.iface_id.clone(), Arc::new(Mutex::new(dev)), None));
+        let net = Arc::new(Mutex::new(dev));
+        devices.push((n.iface_id.clone(), net.clone(), None, Some(net)));
     }
 
     let mut slots = Vec::new();
-    for (i, (id, device, block)) in devices.into_iter().enumerate() {
+    for (i, (id, device, block, net)) in devices.into_iter().enumerate() {
         let addr = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
         let irq = FIRST_VIRTIO_IRQ + i as u32;
         let transport = MmioTransport::new(
@@ -194,6 +202,7 @@ pub fn attach(
             irq,
             device,
             block,
+            net,
             mmio: mmio_stats,
         });
     }

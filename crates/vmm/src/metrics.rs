@@ -272,7 +272,7 @@ impl MetricsSink {
             "get_api_requests".into(),
             r.group(
                 "get_api_requests",
-                &["instance_info", "machine_cfg", "vmm_version"],
+                &["instance_info", "machine_cfg", "mmds", "vmm_version"],
             ),
         );
         m.insert(
@@ -286,13 +286,14 @@ impl MetricsSink {
                     "logger",
                     "machine_cfg",
                     "metrics",
+                    "mmds",
                     "network",
                 ],
             ),
         );
         m.insert(
             "patch_api_requests".into(),
-            r.group("patch_api_requests", &["drive", "network", "machine_cfg"]),
+            r.group("patch_api_requests", &["drive", "network", "machine_cfg", "mmds"]),
         );
         m.insert("deprecated_api".into(), json!({"deprecated_http_api_calls": 0}));
         for (kind, group) in device_groups(&snapshot.devices) {

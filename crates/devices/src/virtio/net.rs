@@ -70,6 +70,21 @@ impl NetBackend for UnixDatagram {
     }
 }
 
+/// Where frames for a service inside flatlet (MMDS) go instead of the
+/// TAP, and where that service's frames for the guest come from. Frames
+/// are Ethernet frames, without the virtio-net header.
+pub trait FrameDetour: Send {
+    /// Takes a frame the guest transmits if it is for the service;
+    /// returns whether it did (the frame then never reaches the TAP).
+    fn detour_tx(&mut self, frame: &[u8]) -> bool;
+    /// Writes the service's next frame for the guest into `buf`.
+    fn next_rx_frame(&mut self, buf: &mut [u8]) -> Option<usize>;
+    /// Whether the service has frames for the guest.
+    fn has_pending(&self) -> bool;
+    /// The service's counters, for metrics.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+}
+
 /// Errors creating a net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -133,6 +148,7 @@ pub struct Net {
     tx_buf: Vec<u8>,
     log: LogLimiter,
     stats: NetStats,
+    detour: Option<Box<dyn FrameDetour>>,
 }
 
 impl Net {
@@ -153,7 +169,31 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME],
             log: LogLimiter::new(format!("virtio-net {id}")),
             stats: NetStats::default(),
+            detour: None,
         })
+    }
+
+    /// Sends the guest's frames for a service inside flatlet (MMDS) to
+    /// `detour`, and gives the guest its frames before the TAP's.
+    pub fn set_detour(&mut self, detour: Box<dyn FrameDetour>) {
+        self.detour = Some(detour);
+    }
+
+    fn detour_pending(&self) -> bool {
+        self.detour.as_ref().is_some_and(|d| d.has_pending())
+    }
+
+    /// Moves the detour's next frame (if any) into the receive frame,
+    /// behind a zeroed header; returns its length with the header, or 0.
+    fn detour_frame(&mut self) -> usize {
+        let Some(d) = self.detour.as_mut() else { return 0 };
+        match d.next_rx_frame(&mut self.rx_frame[VNET_HDR_LEN..]) {
+            Some(n) => {
+                self.rx_frame[..VNET_HDR_LEN].fill(0);
+                VNET_HDR_LEN + n
+            }
+            None => 0,
+        }
     }
 
     /// The counters.
@@ -176,7 +216,11 @@ impl Net {
                     break;
                 }
             };
-            match frame_of(&a.mem, &a.tx, head, &mut self.tx_buf) {
+            let frame = frame_of(&a.mem, &a.tx, head, &mut self.tx_buf);
+            let detoured =
+                |d: &mut Box<dyn FrameDetour>, len: usize| d.detour_tx(&self.tx_buf[VNET_HDR_LEN..len]);
+            match frame {
+                Ok(len) if self.detour.as_mut().is_some_and(|d| detoured(d, len)) => {}
                 Ok(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
@@ -213,6 +257,9 @@ impl Net {
     pub fn process_rx(&mut self) -> bool {
         let mut delivered = 0;
         loop {
+            if self.rx_len == 0 {
+                self.rx_len = self.detour_frame();
+            }
             if self.rx_len == 0 {
                 match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(n) if n >= VNET_HDR_LEN => self.rx_len = n,
@@ -437,7 +484,7 @@ impl VirtioDevice for Net {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = self.stats;
-        vec![
+        let mut counters = vec![
             // Firecracker's names first (its `net` metrics), then
             // flatlet's own.
             ("tx_packets_count", s.tx_frames),
@@ -453,7 +500,9 @@ impl VirtioDevice for Net {
             ("rx_deferred", s.rx_deferred),
             ("invalid_avail_idx_count", s.invalid_avail_idx),
             ("indirect_desc_count", s.indirect),
-        ]
+        ];
+        counters.extend(self.detour.iter().flat_map(|d| d.counters()));
+        counters
     }
 }
 
@@ -466,7 +515,10 @@ impl MutEventSubscriber for Net {
             let _ = self.queue_evts[TX].read();
             self.stats.tx_queue_events += 1;
             self.process_tx();
-            return;
+            // Replies of a detour (MMDS) go out with the receive path.
+            if !self.detour_pending() {
+                return;
+            }
         } else if fd == self.queue_evts[RX].as_raw_fd() {
             let _ = self.queue_evts[RX].read();
             self.stats.rx_queue_events += 1;
@@ -493,5 +545,7 @@ impl MutEventSubscriber for Net {
     }
 }
 
+#[cfg(test)]
+mod detour_tests;
 #[cfg(test)]
 mod tests;

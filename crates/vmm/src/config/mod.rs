@@ -344,6 +344,8 @@ pub struct VmConfig {
     pub drives: Vec<devices::DriveConfig>,
     /// Network interfaces, in the order they were added.
     pub nets: Vec<devices::NetConfig>,
+    /// Which interfaces serve MMDS, and how, if any do.
+    pub mmds: Option<flatlet_mmds::MmdsConfig>,
 }
 
 /// Largest config file flatlet reads (1 MiB: a full VM takes a few KiB).
@@ -377,8 +379,10 @@ pub struct ConfigFile {
     /// The metrics file, configured as `PUT /metrics` does.
     #[serde(default)]
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// MMDS, configured as `PUT /mmds/config` does (its contents come
+    /// from `--metadata`).
     #[serde(default)]
-    mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<flatlet_mmds::MmdsConfig>,
     #[serde(default)]
     entropy: Option<serde_json::Value>,
     #[serde(default)]
@@ -427,7 +431,6 @@ impl ConfigFile {
             ("cpu-config", self.cpu_config.is_some()),
             ("balloon", self.balloon.is_some()),
             ("vsock", self.vsock.is_some()),
-            ("mmds-config", self.mmds_config.is_some()),
             ("entropy", self.entropy.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
