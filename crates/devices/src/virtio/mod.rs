@@ -11,6 +11,7 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
