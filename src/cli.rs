@@ -231,6 +231,12 @@ pub struct RunArgs {
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 
+    /// A virtio-vsock device: `cid=N,uds=PATH` (guest CID 3 or more; host
+    /// programs connect to PATH and send `CONNECT <port>`, guest connects
+    /// to port P reach `PATH_P`).
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+
     /// Read the VM's configuration from a Firecracker-style JSON file;
     /// the options above override it.
     #[arg(long, value_name = "PATH")]

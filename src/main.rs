@@ -167,6 +167,7 @@ impl RunArgs {
             mem_mib: None,
             drives: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             config_file: Some(path.to_path_buf()),
             irqchip: None,
         }
@@ -197,6 +198,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     // The logger and metrics first, so that they see the rest.
     let mut settings = Vec::new();
     let mut mmds = None;
+    let mut vsock = None;
     if let Some(path) = &args.config_file {
         let file = ConfigFile::load(path)?;
         settings.extend(file.logger.map(Request::PutLogger));
@@ -208,6 +210,10 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         drives = file.drives;
         nets = file.network_interfaces;
         mmds = file.mmds_config;
+        vsock = file.vsock;
+    }
+    if let Some(spec) = &args.vsock {
+        vsock = Some(flatlet_vmm::config::vsock::parse_vsock_option(spec)?);
     }
     // Limits first, so that a huge file is refused at once, by its count.
     validate_count(drives.len() + args.drives.len(), nets.len() + args.nets.len())?;
@@ -243,6 +249,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     requests.extend([Request::PutMachineConfig(machine), Request::PutBootSource(boot)]);
     requests.extend(drives.into_iter().map(Request::PutDrive));
     requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
+    requests.extend(vsock.map(Request::PutVsock));
     // After the interfaces it names.
     requests.extend(mmds.map(Request::PutMmdsConfig));
     requests.push(Request::Start);

@@ -14,6 +14,7 @@ const SOURCES: &[&str] = &[
     "options.c",
     "stay.c",
     "virtio.c",
+    "vsock.c",
     "console.c",
     "lib.c",
 ];

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use flatlet_vmm::config::devices::{DriveConfig, DriveUpdate, NetConfig, NetUpdate};
+use flatlet_vmm::config::vsock::VsockConfig;
 use flatlet_vmm::config::{BootSource, BootSourceConfig, MachineConfig, MachineConfigUpdate};
 use flatlet_vmm::controller::{FIRECRACKER_API_VERSION, Request, Response};
 use flatlet_vmm::logger::LoggerConfig;
@@ -33,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
     ("PUT", "/mmds/config"),
+    ("PUT", "/vsock"),
 ];
 
 /// Why a request could not become a controller request.
@@ -149,6 +151,7 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
         ("PUT", ["mmds"]) => Request::PutMmds(body::<serde_json::Value>(raw)?),
         ("PATCH", ["mmds"]) => Request::PatchMmds(body::<serde_json::Value>(raw)?),
         ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(body::<MmdsConfig>(raw)?),
+        ("PUT", ["vsock"]) => Request::PutVsock(body::<VsockConfig>(raw)?),
         _ => return Err(not_found()),
     })
 }

@@ -23,5 +23,13 @@ void handle_irq(u32 irq);
 
 /* stay.c */
 void stay(void) __attribute__((noreturn));
+void ioapic_route(u32 pin, u32 vector, u32 dest);
+
+/* vsock.c */
+void vsock_found(u64 base, u32 pin);
+int vsock_run(void);
+int vsock_active(void);
+void vsock_step(void);
+void vsock_irq(void);
 
 #endif

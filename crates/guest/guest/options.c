@@ -8,6 +8,7 @@
  *                        for the tests of a console nobody reads)
  *   flatlet.syscall      execute `syscall` from ring 3 and report the ring
  *                        its entry ran in (nested PVM hosts get it wrong)
+ *   flatlet.vsock=...    echo:PORT or connect:PORT (see vsock.c)
  */
 #include "guest_main.h"
 
@@ -143,6 +144,9 @@ void run_options(void)
         guest_panic("triple fault requested");
     if (want_flood)
         flood();
+    if (vsock_run() == 0 && !want_stay)
+        while (vsock_active())
+            vsock_step();
     if (want_stay)
         stay();
 }

@@ -34,7 +34,7 @@ static u32 lapic_bus_khz(void)
     return DEFAULT_BUS_KHZ;
 }
 
-static void ioapic_route(u32 pin, u32 vector, u32 dest)
+void ioapic_route(u32 pin, u32 vector, u32 dest)
 {
     mmio_write32(IOAPIC_BASE, 0x10 + 2 * pin + 1);
     mmio_write32(IOAPIC_BASE + 0x10, dest << 24);
@@ -71,6 +71,8 @@ void handle_irq(u32 irq)
         timer_irq();
     else if (irq == KBD_PIN)
         keyboard_irq();
+    else if (irq == 2)
+        vsock_irq();
 }
 
 void stay(void)
@@ -80,6 +82,10 @@ void stay(void)
     lapic_write(LAPIC_LVT_TIMER, IRQ_VECTOR_BASE | TIMER_PERIODIC);
     lapic_write(LAPIC_TIMER_INIT, lapic_bus_khz() * 1000u);
     print("flatlet-guest: staying: heartbeat every second, Ctrl-Alt-Del resets\n");
-    for (;;)
-        __asm__ volatile("sti; hlt; cli" ::: "memory");
+    for (;;) {
+        if (vsock_active())
+            vsock_step();
+        else
+            __asm__ volatile("sti; hlt; cli" ::: "memory");
+    }
 }

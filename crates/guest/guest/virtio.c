@@ -329,6 +329,11 @@ static void parse_device(const char *w, u32 len)
         return;
     p++;
     u64 base = parse_u64(&p, 0);
+    u64 pin = 0;
+    if (p < w + len && *p == ':') {
+        p++;
+        pin = parse_u64(&p, 10);
+    }
     if (base < 0xc0000000UL || base >= 0xc0200000UL) {
         say("virtio: device outside the mapped window: ", w);
         return;
@@ -342,6 +347,8 @@ static void parse_device(const char *w, u32 len)
     } else if (id == ID_NET && !net_done) {
         net_done = 1;
         net_test(base);
+    } else if (id == 19) {
+        vsock_found(base, (u32)pin); /* driven later, by its options */
     }
 }
 

@@ -10,6 +10,7 @@ use log::info;
 use serde::Serialize;
 
 use crate::config::devices::{self, DriveConfig, DriveUpdate, NetConfig, NetUpdate};
+use crate::config::vsock::VsockConfig;
 use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineConfigUpdate, VmConfig};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
 use crate::host::HostKind;
@@ -76,6 +77,8 @@ pub enum Request {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`.
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /vsock`: adds (or replaces) the vsock device.
+    PutVsock(VsockConfig),
 }
 
 /// `GET /` body.
@@ -115,6 +118,9 @@ pub struct FullVmConfig {
     /// MMDS, if configured (its address always shown).
     #[serde(rename = "mmds-config", skip_serializing_if = "Option::is_none")]
     pub mmds_config: Option<MmdsConfig>,
+    /// The vsock device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// What a request returns.
@@ -330,6 +336,7 @@ impl Controller {
                 logger: self.logger.clone(),
                 metrics: self.metrics.as_ref().map(|m| m.config().clone()),
                 mmds_config: self.config.mmds.as_ref().map(MmdsConfig::shown),
+                vsock: self.config.vsock.clone(),
             }))),
             // The data store, in any state (as Firecracker).
             (_, Request::GetMmds) => Ok(Response::Mmds(mmds::lock(&self.mmds).contents())),
@@ -381,6 +388,12 @@ impl Controller {
                 self.config.mmds = Some(c);
                 Ok(Response::Empty)
             }
+            (State::NotStarted, Request::PutVsock(v)) => {
+                v.validate()?;
+                devices::validate_count(self.config.drives.len() + 1, self.config.nets.len())?;
+                self.config.vsock = Some(v);
+                Ok(Response::Empty)
+            }
             (State::NotStarted, Request::Start) => self.start(),
             (
                 State::NotStarted,
@@ -398,6 +411,7 @@ impl Controller {
                 | Request::PutBootSource(_)
                 | Request::PutDrive(_)
                 | Request::PutNetworkInterface(_)
+                | Request::PutVsock(_)
                 | Request::PutMmdsConfig(_),
             ) => Err(ControllerError::State(NOT_AFTER_START)),
             (_, Request::Start) => Err(ControllerError::State(

@@ -22,6 +22,7 @@ use flatlet_devices::virtio::VirtioDevice;
 use flatlet_devices::virtio::block::{self, Block};
 use flatlet_devices::virtio::mmio::{MmioStats, MmioTransport, REG_QUEUE_NOTIFY};
 use flatlet_devices::virtio::net::{Net, VNET_HDR_LEN};
+use flatlet_devices::virtio::vsock;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::{debug, info, warn};
 use vm_memory::GuestMemoryMmap;
@@ -66,6 +67,12 @@ pub enum DeviceError {
     /// Device placement.
     #[error("device placement: {0}")]
     Bus(#[from] BusError),
+    /// The vsock device's socket cannot be set up.
+    #[error("vsock: {0}")]
+    VsockListen(#[from] vsock::MuxerError),
+    /// The vsock device could not be made.
+    #[error("{0}")]
+    Vsock(#[from] vsock::VsockError),
 }
 
 /// A placed virtio device.
@@ -182,6 +189,13 @@ pub fn attach(
         })?;
         let net = Arc::new(Mutex::new(dev));
         devices.push((n.iface_id.clone(), net.clone(), None, Some(net)));
+    }
+    if let Some(v) = &config.vsock {
+        let path = std::path::PathBuf::from(&v.uds_path);
+        let listener = vsock::bind(&path)?;
+        let dev = vsock::Vsock::new(u64::from(v.guest_cid), path, listener)?;
+        debug!("vsock: guest CID {}, host sockets at {}", v.guest_cid, v.uds_path);
+        devices.push(("vsock".to_string(), Arc::new(Mutex::new(dev)), None, None));
     }
 
     let mut slots = Vec::new();

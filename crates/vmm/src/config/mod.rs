@@ -6,6 +6,7 @@
 
 pub mod devices;
 pub mod files;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 
@@ -346,6 +347,8 @@ pub struct VmConfig {
     pub nets: Vec<devices::NetConfig>,
     /// Which interfaces serve MMDS, and how, if any do.
     pub mmds: Option<flatlet_mmds::MmdsConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<vsock::VsockConfig>,
 }
 
 /// Largest config file flatlet reads (1 MiB: a full VM takes a few KiB).
@@ -371,8 +374,9 @@ pub struct ConfigFile {
     cpu_config: Option<serde_json::Value>,
     #[serde(default)]
     balloon: Option<serde_json::Value>,
+    /// The vsock device.
     #[serde(default)]
-    vsock: Option<serde_json::Value>,
+    pub vsock: Option<vsock::VsockConfig>,
     /// The logger, configured as `PUT /logger` does.
     #[serde(default)]
     pub logger: Option<crate::logger::LoggerConfig>,
@@ -430,7 +434,6 @@ impl ConfigFile {
         let present = [
             ("cpu-config", self.cpu_config.is_some()),
             ("balloon", self.balloon.is_some()),
-            ("vsock", self.vsock.is_some()),
             ("entropy", self.entropy.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),

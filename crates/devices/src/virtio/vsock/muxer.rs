@@ -85,10 +85,17 @@ pub fn bind(path: &Path) -> Result<UnixListener, MuxerError> {
         path: shown.clone(),
         source,
     })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| MuxerError::Bind { path: shown, source })?;
+    set_nonblocking(&listener).map_err(|source| MuxerError::Bind { path: shown, source })?;
     Ok(listener)
+}
+
+/// O_NONBLOCK through fcntl (std's `set_nonblocking` on a socket is an
+/// ioctl the seccomp policy need not allow).
+fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 /// How the muxer changes what the event loop watches.
@@ -192,9 +199,11 @@ impl Muxer {
         for k in keys {
             self.kill(k, false, w);
         }
-        for (fd, _) in std::mem::take(&mut self.pending) {
+        for (fd, p) in std::mem::take(&mut self.pending) {
+            // Unwatched before it is closed: epoll forgets closed files.
             w.remove(fd);
             self.owners.remove(&fd);
+            drop(p);
         }
         self.rxq.clear();
         self.ctrl.clear();
@@ -232,9 +241,11 @@ impl Muxer {
     }
 
     fn drop_pending(&mut self, fd: RawFd, w: &mut dyn Watch) {
-        if self.pending.remove(&fd).is_some() {
+        if let Some(p) = self.pending.remove(&fd) {
+            // Unwatched before it is closed: epoll forgets closed files.
             w.remove(fd);
             self.owners.remove(&fd);
+            drop(p);
         }
     }
 
@@ -276,7 +287,7 @@ impl Muxer {
                 ));
                 continue;
             }
-            if stream.set_nonblocking(true).is_err() {
+            if set_nonblocking(&stream).is_err() {
                 self.stats.muxer_event_fails += 1;
                 continue;
             }

@@ -80,6 +80,11 @@ impl Watch for Recorder {
         self.0.insert(fd, set).is_some()
     }
     fn remove(&mut self, fd: RawFd) -> bool {
+        // As epoll: a file must be unwatched before it is closed.
+        assert!(
+            std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_ok(),
+            "descriptor {fd} closed before it was unwatched"
+        );
         self.0.remove(&fd).is_some()
     }
 }
