@@ -197,6 +197,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     };
     // The logger and metrics first, so that they see the rest.
     let mut settings = Vec::new();
+    let mut entropy = None;
     let mut mmds = None;
     let mut vsock = None;
     if let Some(path) = &args.config_file {
@@ -209,6 +210,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
         }
         drives = file.drives;
         nets = file.network_interfaces;
+        entropy = file.entropy;
         mmds = file.mmds_config;
         vsock = file.vsock;
     }
@@ -249,6 +251,7 @@ fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
     requests.extend([Request::PutMachineConfig(machine), Request::PutBootSource(boot)]);
     requests.extend(drives.into_iter().map(Request::PutDrive));
     requests.extend(nets.into_iter().map(Request::PutNetworkInterface));
+    requests.extend(entropy.map(Request::PutEntropy));
     requests.extend(vsock.map(Request::PutVsock));
     // After the interfaces it names.
     requests.extend(mmds.map(Request::PutMmdsConfig));

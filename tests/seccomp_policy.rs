@@ -260,6 +260,38 @@ fn workloads(dir: &TempDir) -> Vec<String> {
         assert_eq!(st.code(), Some(0), "{mode} irqchip under the filters");
     }
 
+    // vsock: the guest connects to a host listener, which first makes a
+    // host-initiated connection of its own (the guest refuses it).
+    let uds = dir.path("v.sock");
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_5001", uds.display())).unwrap();
+    let uds_host = uds.clone();
+    let host = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (s, _) = listener.accept().unwrap();
+        let mut c = std::os::unix::net::UnixStream::connect(&uds_host).unwrap();
+        c.write_all(b"CONNECT 5000\n").unwrap();
+        let mut end = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut end);
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (&s).write_all(b"ok\n").unwrap();
+        line
+    });
+    let st = run(
+        "vsock.log",
+        vec![
+            "run".to_string(),
+            "--vsock".to_string(),
+            format!("cid=3,uds={}", uds.display()),
+            "--cmdline".to_string(),
+            "console=ttyS0 flatlet.vsock=connect:5001".to_string(),
+        ],
+    );
+    assert_eq!(st.code(), Some(0), "vsock under the filters");
+    assert_eq!(host.join().unwrap(), "hello from flatlet vsock\n");
+
     // The API, with a guest that stays, pause/resume, metrics, a drive
     // swap, bad requests, and the end through Ctrl-Alt-Del.
     let sock = dir.path("api.sock");
@@ -320,6 +352,14 @@ fn workloads(dir: &TempDir) -> Vec<String> {
             r#"{{"drive_id": "d1", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
             ro_img.display()
         ),
+    );
+    // The entropy device, limited so that its second read waits for the
+    // limiter's timer.
+    flatlet_api(
+        &sock,
+        "PUT",
+        "/entropy",
+        r#"{"rate_limiter": {"bandwidth": {"size": 16, "refill_time": 100}}}"#,
     );
     flatlet_api(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     std::thread::sleep(Duration::from_millis(1500));

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use flatlet_vmm::config::devices::{DriveConfig, DriveUpdate, NetConfig, NetUpdate};
+use flatlet_vmm::config::rate_limit::EntropyConfig;
 use flatlet_vmm::config::vsock::VsockConfig;
 use flatlet_vmm::config::{BootSource, BootSourceConfig, MachineConfig, MachineConfigUpdate};
 use flatlet_vmm::controller::{FIRECRACKER_API_VERSION, Request, Response};
@@ -30,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm/config"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
+    ("PUT", "/entropy"),
     ("GET", "/mmds"),
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
@@ -147,6 +149,7 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
         ("GET", ["vm", "config"]) => Request::GetVmConfig,
         ("PUT", ["logger"]) => Request::PutLogger(body::<LoggerConfig>(raw)?),
         ("PUT", ["metrics"]) => Request::PutMetrics(body::<MetricsConfig>(raw)?),
+        ("PUT", ["entropy"]) => Request::PutEntropy(body::<EntropyConfig>(raw)?),
         ("GET", ["mmds"]) => Request::GetMmds,
         ("PUT", ["mmds"]) => Request::PutMmds(body::<serde_json::Value>(raw)?),
         ("PATCH", ["mmds"]) => Request::PatchMmds(body::<serde_json::Value>(raw)?),

@@ -92,5 +92,8 @@ fn skip(why: &str) {
         "quick_compare_writes_every_output: {why} (FLATLET_REQUIRE_HOST=1)"
     );
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED quick_compare_writes_every_output: {why}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED quick_compare_writes_every_output: {why}"
+    );
 }

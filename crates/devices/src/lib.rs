@@ -11,6 +11,7 @@ pub mod bus;
 pub mod i8042;
 pub mod ioapic;
 pub mod irq;
+pub mod rate_limiter;
 pub mod ratelimit;
 pub mod serial;
 pub mod virtio;

@@ -10,6 +10,7 @@ use log::info;
 use serde::Serialize;
 
 use crate::config::devices::{self, DriveConfig, DriveUpdate, NetConfig, NetUpdate};
+use crate::config::rate_limit::{EntropyConfig, RateLimiterConfig};
 use crate::config::vsock::VsockConfig;
 use crate::config::{BootSource, ConfigError, HostLimits, MachineConfig, MachineConfigUpdate, VmConfig};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, VmExit};
@@ -69,6 +70,8 @@ pub enum Request {
     PutMetrics(MetricsConfig),
     /// `FlushMetrics`.
     FlushMetrics,
+    /// `PUT /entropy`: adds the entropy device.
+    PutEntropy(EntropyConfig),
     /// `GET /mmds`.
     GetMmds,
     /// `PUT /mmds`: replaces the MMDS contents (also `--metadata`).
@@ -115,6 +118,9 @@ pub struct FullVmConfig {
     /// The metrics, if configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// The entropy device, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     /// MMDS, if configured (its address always shown).
     #[serde(rename = "mmds-config", skip_serializing_if = "Option::is_none")]
     pub mmds_config: Option<MmdsConfig>,
@@ -335,6 +341,7 @@ impl Controller {
                 network_interfaces: self.config.nets.clone(),
                 logger: self.logger.clone(),
                 metrics: self.metrics.as_ref().map(|m| m.config().clone()),
+                entropy: self.config.entropy,
                 mmds_config: self.config.mmds.as_ref().map(MmdsConfig::shown),
                 vsock: self.config.vsock.clone(),
             }))),
@@ -388,9 +395,16 @@ impl Controller {
                 self.config.mmds = Some(c);
                 Ok(Response::Empty)
             }
+            (State::NotStarted, Request::PutEntropy(e)) => {
+                e.validate()?;
+                devices::validate_count(self.config.drives.len() + 1, self.config.nets.len())?;
+                self.config.entropy = Some(e);
+                Ok(Response::Empty)
+            }
             (State::NotStarted, Request::PutVsock(v)) => {
                 v.validate()?;
-                devices::validate_count(self.config.drives.len() + 1, self.config.nets.len())?;
+                let others = self.config.drives.len() + usize::from(self.config.entropy.is_some());
+                devices::validate_count(others + 1, self.config.nets.len())?;
                 self.config.vsock = Some(v);
                 Ok(Response::Empty)
             }
@@ -411,6 +425,7 @@ impl Controller {
                 | Request::PutBootSource(_)
                 | Request::PutDrive(_)
                 | Request::PutNetworkInterface(_)
+                | Request::PutEntropy(_)
                 | Request::PutVsock(_)
                 | Request::PutMmdsConfig(_),
             ) => Err(ControllerError::State(NOT_AFTER_START)),
@@ -429,6 +444,14 @@ impl Controller {
                         ConfigError::InvalidDevice(format!("no drive has the id {:?}", u.drive_id)).into(),
                     );
                 };
+                if let Some(r) = &u.rate_limiter {
+                    let (bandwidth, ops) = r.updates();
+                    flatlet_devices::bus::lock(block).update_rate_limiter(bandwidth, ops);
+                    if let Some(d) = self.config.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
+                        d.rate_limiter = Some(RateLimiterConfig::patched(d.rate_limiter.as_ref(), r));
+                    }
+                    info!("drive {}: rate limiter updated", u.drive_id);
+                }
                 if let Some(path) = &u.path_on_host {
                     crate::device_manager::reopen_drive(block, &u.drive_id, path)
                         .map_err(|e| ConfigError::InvalidDevice(e.to_string()))?;
@@ -439,15 +462,32 @@ impl Controller {
                 }
                 Ok(Response::Empty)
             }
-            (State::Running(_) | State::Paused(_), Request::PatchNetworkInterface(u)) => {
+            (State::Running(vm) | State::Paused(vm), Request::PatchNetworkInterface(u)) => {
                 u.validate()?;
-                if !self.config.nets.iter().any(|n| n.iface_id == u.iface_id) {
+                let net = vm
+                    .virtio
+                    .iter()
+                    .filter(|s| s.id == u.iface_id)
+                    .find_map(|s| s.net.as_ref());
+                let (Some(net), Some(config)) = (
+                    net,
+                    self.config.nets.iter_mut().find(|n| n.iface_id == u.iface_id),
+                ) else {
                     return Err(ConfigError::InvalidDevice(format!(
                         "no network interface has the id {:?}",
                         u.iface_id
                     ))
                     .into());
-                }
+                };
+                let none = RateLimiterConfig::default();
+                let rx = u.rx_rate_limiter.as_ref().unwrap_or(&none);
+                let tx = u.tx_rate_limiter.as_ref().unwrap_or(&none);
+                flatlet_devices::bus::lock(net).update_rate_limiters(rx.updates(), tx.updates());
+                config.rx_rate_limiter =
+                    Some(RateLimiterConfig::patched(config.rx_rate_limiter.as_ref(), rx));
+                config.tx_rate_limiter =
+                    Some(RateLimiterConfig::patched(config.tx_rate_limiter.as_ref(), tx));
+                info!("network interface {}: rate limiters updated", u.iface_id);
                 Ok(Response::Empty)
             }
             (State::Running(_) | State::Paused(_), Request::Pause) => self.pause(),
@@ -548,10 +588,15 @@ impl Controller {
             .map(|vm| {
                 vm.virtio
                     .iter()
-                    .map(|s| DeviceCounters {
-                        kind: device_kind(flatlet_devices::bus::lock(&s.device).device_type()),
-                        id: s.id.clone(),
-                        counters: s.counters(),
+                    .map(|s| {
+                        // One lock at a time: the guard of a field's
+                        // expression would live to the end of the literal.
+                        let device_type = flatlet_devices::bus::lock(&s.device).device_type();
+                        DeviceCounters {
+                            kind: device_kind(device_type),
+                            id: s.id.clone(),
+                            counters: s.counters(),
+                        }
                     })
                     .collect()
             })
@@ -627,6 +672,7 @@ fn api_metric(req: &Request) -> Option<(&'static str, &'static str)> {
         Request::Start | Request::SendCtrlAltDel | Request::FlushMetrics => (PUT, "actions"),
         Request::PutLogger(_) => (PUT, "logger"),
         Request::PutMetrics(_) => (PUT, "metrics"),
+        Request::PutEntropy(_) => (PUT, "entropy"),
         Request::GetMmds => (GET, "mmds"),
         Request::PutMmds(_) | Request::PutMmdsConfig(_) => (PUT, "mmds"),
         Request::PatchMmds(_) => (PATCH, "mmds"),

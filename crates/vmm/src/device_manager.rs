@@ -18,10 +18,12 @@ use std::time::Instant;
 
 use flatlet_devices::bus::{Bus, BusError, lock};
 use flatlet_devices::irq::IrqLine;
+use flatlet_devices::rate_limiter::RateLimiter;
 use flatlet_devices::virtio::VirtioDevice;
 use flatlet_devices::virtio::block::{self, Block};
 use flatlet_devices::virtio::mmio::{MmioStats, MmioTransport, REG_QUEUE_NOTIFY};
 use flatlet_devices::virtio::net::{Net, VNET_HDR_LEN};
+use flatlet_devices::virtio::rng::Rng;
 use flatlet_devices::virtio::vsock;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::{debug, info, warn};
@@ -30,6 +32,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::VmConfig;
 use crate::config::devices::{CacheType, DriveConfig};
+use crate::config::rate_limit::RateLimiterConfig;
 use crate::irqchip::{Irqchip, KvmMsiSink};
 use crate::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::sys;
@@ -67,12 +70,24 @@ pub enum DeviceError {
     /// Device placement.
     #[error("device placement: {0}")]
     Bus(#[from] BusError),
+    /// A rate limiter's timer cannot be made.
+    #[error("{id}: rate limiter: {source}")]
+    RateLimiter { id: String, source: std::io::Error },
     /// The vsock device's socket cannot be set up.
     #[error("vsock: {0}")]
     VsockListen(#[from] vsock::MuxerError),
     /// The vsock device could not be made.
     #[error("{0}")]
     Vsock(#[from] vsock::VsockError),
+}
+
+/// The limiter `config` describes (one without buckets if None, so that
+/// a `PATCH` can set limits later), for the device `id`.
+fn limiter(id: &str, config: Option<&RateLimiterConfig>) -> Result<RateLimiter, DeviceError> {
+    RateLimiterConfig::build(config).map_err(|source| DeviceError::RateLimiter {
+        id: id.to_string(),
+        source,
+    })
 }
 
 /// A placed virtio device.
@@ -132,10 +147,12 @@ fn open_drive(d: &DriveConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
         CacheType::Unsafe => block::CacheType::Unsafe,
         CacheType::Writeback => block::CacheType::Writeback,
     };
-    let dev = Block::new(file, d.is_read_only, cache, &d.drive_id).map_err(|source| DeviceError::Block {
-        id: d.drive_id.clone(),
-        source,
-    })?;
+    let mut dev =
+        Block::new(file, d.is_read_only, cache, &d.drive_id).map_err(|source| DeviceError::Block {
+            id: d.drive_id.clone(),
+            source,
+        })?;
+    dev.set_rate_limiter(limiter(&d.drive_id, d.rate_limiter.as_ref())?);
     debug!(
         "drive {}: {} ({} sectors{})",
         d.drive_id,
@@ -183,12 +200,27 @@ pub fn attach(
                 tap: n.host_dev_name.clone(),
                 source,
             })?;
-        let dev = Net::new(Box::new(tap), n.mac(), &n.iface_id).map_err(|source| DeviceError::Net {
+        let mut dev = Net::new(Box::new(tap), n.mac(), &n.iface_id).map_err(|source| DeviceError::Net {
             id: n.iface_id.clone(),
             source,
         })?;
+        dev.set_rate_limiters(
+            limiter(&n.iface_id, n.rx_rate_limiter.as_ref())?,
+            limiter(&n.iface_id, n.tx_rate_limiter.as_ref())?,
+        );
         let net = Arc::new(Mutex::new(dev));
         devices.push((n.iface_id.clone(), net.clone(), None, Some(net)));
+    }
+    if let Some(e) = &config.entropy {
+        let id = "entropy";
+        let source = Box::new(sys::getrandom_fill);
+        let rng = Rng::new(source, Some(limiter(id, e.rate_limiter.as_ref())?)).map_err(|source| {
+            DeviceError::RateLimiter {
+                id: id.to_string(),
+                source,
+            }
+        })?;
+        devices.push((id.to_string(), Arc::new(Mutex::new(rng)), None, None));
     }
     if let Some(v) = &config.vsock {
         let path = std::path::PathBuf::from(&v.uds_path);

@@ -250,3 +250,24 @@ pub fn advise_huge_pages(memory: &GuestMemoryMmap) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Fills `buf` from the kernel's entropy pool, `getrandom(2)` (blocking
+/// only before the pool is first initialised, early in the host's boot).
+pub fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom(2) writes at most `rest.len()` bytes into
+        // `rest`, a live, writable slice borrowed for the call.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast::<c_void>(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
@@ -41,6 +42,7 @@ use super::chain::{
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
+use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::ratelimit::LogLimiter;
 
 /// Bytes in a sector.
@@ -147,6 +149,9 @@ pub struct BlockStats {
     pub bytes_written: u64,
     /// Queue notifications handled.
     pub queue_events: u64,
+    /// Requests held back by the rate limiter (each resumes from its
+    /// timer).
+    pub throttled: u64,
 }
 
 struct Active {
@@ -168,6 +173,7 @@ pub struct Block {
     log: LogLimiter,
     stats: BlockStats,
     generation: u32,
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -195,7 +201,44 @@ impl Block {
             log: LogLimiter::new(format!("virtio-blk {id}")),
             stats: BlockStats::default(),
             generation: 0,
+            limiter: None,
         })
+    }
+
+    /// Limits the drive's bandwidth and operations (`rate_limiter`). A
+    /// drive that may be limited later (`PATCH`) gets one with no bucket.
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = Some(limiter);
+    }
+
+    /// Changes the rate limits of a running drive (`PATCH /drives`).
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        match &mut self.limiter {
+            Some(l) => {
+                l.update(bandwidth, ops);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the rate limiter lets the request at `head` go now (one
+    /// operation, its data bytes). When not, it stays in the queue.
+    fn admit(&mut self, active: &mut Active, head: u16) -> bool {
+        let Some(limiter) = self.limiter.as_mut().filter(|l| l.is_limiting()) else {
+            return true;
+        };
+        let bytes = descriptors(&active.mem, &active.queue, head)
+            .map(|d| d.iter().map(|d| u64::from(d.len())).sum::<u64>())
+            .unwrap_or(0)
+            .saturating_sub(HEADER_LEN as u64 + 1);
+        if limiter.consume(1, bytes) {
+            return true;
+        }
+        self.stats.throttled += 1;
+        let next = active.queue.next_avail().wrapping_sub(1);
+        active.queue.set_next_avail(next);
+        false
     }
 
     /// Capacity in sectors.
@@ -244,6 +287,9 @@ impl Block {
                     break;
                 }
             };
+            if !self.admit(&mut active, head) {
+                break;
+            }
             let len = self.execute(&active.mem, &active.queue, head);
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
                 self.log
@@ -566,20 +612,31 @@ impl VirtioDevice for Block {
             ("indirect_desc_count", s.indirect),
             ("invalid_chain_count", s.invalid_chains),
             ("oversized_req_count", s.oversized),
+            ("rate_limiter_throttled_events", s.throttled),
         ]
     }
 }
 
 impl MutEventSubscriber for Block {
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.queue_evts[0].read();
-        self.stats.queue_events += 1;
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        match &mut self.limiter {
+            Some(l) if events.fd() == l.timer().as_raw_fd() => l.on_timer(),
+            _ => {
+                let _ = self.queue_evts[0].read();
+                self.stats.queue_events += 1;
+            }
+        }
         self.process_queue();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
             warn!("virtio-blk: cannot watch the queue: {e}");
+        }
+        if let Some(l) = &self.limiter {
+            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
+                warn!("virtio-blk: cannot watch the rate limiter: {e}");
+            }
         }
     }
 }

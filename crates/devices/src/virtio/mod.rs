@@ -11,6 +11,7 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 pub mod vsock;
 
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use super::chain::{ChainError, Layout, descriptors, gather, pop_head, scatter, t
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
+use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::ratelimit::LogLimiter;
 use std::io::{Read, Write};
 
@@ -119,6 +120,10 @@ pub struct NetStats {
     pub rx_queue_events: u64,
     /// TAP readiness events handled.
     pub rx_tap_events: u64,
+    /// Frames the transmit rate limiter held back.
+    pub tx_throttled: u64,
+    /// Frames the receive rate limiter held back.
+    pub rx_throttled: u64,
 }
 
 struct Active {
@@ -148,6 +153,8 @@ pub struct Net {
     tx_buf: Vec<u8>,
     log: LogLimiter,
     stats: NetStats,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
     detour: Option<Box<dyn FrameDetour>>,
 }
 
@@ -169,6 +176,8 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME],
             log: LogLimiter::new(format!("virtio-net {id}")),
             stats: NetStats::default(),
+            rx_limiter: None,
+            tx_limiter: None,
             detour: None,
         })
     }
@@ -196,6 +205,31 @@ impl Net {
         }
     }
 
+    /// Limits receive and transmit (`rx_rate_limiter`,
+    /// `tx_rate_limiter`); an interface that may be limited later
+    /// (`PATCH`) gets limiters with no bucket.
+    pub fn set_rate_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
+        self.rx_limiter = Some(rx);
+        self.tx_limiter = Some(tx);
+    }
+
+    /// Changes the limits of a running interface (`PATCH`): (bandwidth,
+    /// ops) for receive, then for transmit.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: (BucketUpdate, BucketUpdate),
+        tx: (BucketUpdate, BucketUpdate),
+    ) -> bool {
+        match (&mut self.rx_limiter, &mut self.tx_limiter) {
+            (Some(r), Some(t)) => {
+                r.update(rx.0, rx.1);
+                t.update(tx.0, tx.1);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> NetStats {
         self.stats
@@ -217,6 +251,15 @@ impl Net {
                 }
             };
             let frame = frame_of(&a.mem, &a.tx, head, &mut self.tx_buf);
+            if let (Ok(len), Some(limiter)) = (&frame, self.tx_limiter.as_mut().filter(|l| l.is_limiting())) {
+                if !limiter.consume(1, len.saturating_sub(VNET_HDR_LEN) as u64) {
+                    // Left in the queue, for when the limiter's timer fires.
+                    self.stats.tx_throttled += 1;
+                    let next = a.tx.next_avail().wrapping_sub(1);
+                    a.tx.set_next_avail(next);
+                    break;
+                }
+            }
             let detoured =
                 |d: &mut Box<dyn FrameDetour>, len: usize| d.detour_tx(&self.tx_buf[VNET_HDR_LEN..len]);
             match frame {
@@ -273,6 +316,14 @@ impl Net {
                         self.log.warn(format_args!("TAP read: {e}"));
                         break;
                     }
+                }
+            }
+            if let Some(limiter) = self.rx_limiter.as_mut().filter(|l| l.is_limiting()) {
+                // The frame waits (and the TAP is not read) until the
+                // limiter's timer fires.
+                if !limiter.consume(1, self.rx_len.saturating_sub(VNET_HDR_LEN) as u64) {
+                    self.stats.rx_throttled += 1;
+                    break;
                 }
             }
             match self.deliver() {
@@ -496,6 +547,8 @@ impl VirtioDevice for Net {
             ("tx_queue_event_count", s.tx_queue_events),
             ("rx_queue_event_count", s.rx_queue_events),
             ("rx_tap_event_count", s.rx_tap_events),
+            ("tx_rate_limiter_throttled", s.tx_throttled),
+            ("rx_rate_limiter_throttled", s.rx_throttled),
             ("dropped", s.dropped),
             ("rx_deferred", s.rx_deferred),
             ("invalid_avail_idx_count", s.invalid_avail_idx),
@@ -509,7 +562,16 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
+        if let Some(l) = self.tx_limiter.as_mut().filter(|l| l.timer().as_raw_fd() == fd) {
+            l.on_timer();
+            self.process_tx();
+            if !self.detour_pending() {
+                return;
+            }
+        }
+        if let Some(l) = self.rx_limiter.as_mut().filter(|l| l.timer().as_raw_fd() == fd) {
+            l.on_timer();
+        } else if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
         } else if fd == self.queue_evts[TX].as_raw_fd() {
             let _ = self.queue_evts[TX].read();
@@ -540,6 +602,11 @@ impl MutEventSubscriber for Net {
         for evt in [&self.activate_evt, &self.queue_evts[RX], &self.queue_evts[TX]] {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 warn!("virtio-net: cannot watch an event: {e}");
+            }
+        }
+        for l in [&self.rx_limiter, &self.tx_limiter].into_iter().flatten() {
+            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
+                warn!("virtio-net: cannot watch a rate limiter: {e}");
             }
         }
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
+use super::rate_limit::RateLimiterConfig;
 
 /// Most virtio devices a VM can have: one per I/O APIC pin from 5 to 23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
@@ -57,9 +58,9 @@ pub struct DriveConfig {
     /// I/O engine.
     #[serde(default)]
     pub io_engine: IoEngine,
-    /// Rate limiter (not in flatlet; `null` is accepted).
+    /// Limits on the drive's bandwidth and operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// vhost-user socket (not in flatlet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
@@ -79,12 +80,12 @@ pub struct NetConfig {
     /// MTU (not in flatlet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
-    /// Rate limiters (not in flatlet; `null` is accepted).
+    /// Limits on what the interface receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
-    /// Rate limiters (not in flatlet; `null` is accepted).
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the interface sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 fn check_id(what: &'static str, id: &str) -> Result<(), ConfigError> {
@@ -116,11 +117,8 @@ fn check_partuuid(uuid: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn unsupported_if_set(what: &str, v: &Option<serde_json::Value>) -> Result<(), ConfigError> {
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(()),
-        Some(_) => Err(ConfigError::Unsupported(what.to_string())),
-    }
+fn check_limiter(what: &str, v: Option<&RateLimiterConfig>) -> Result<(), ConfigError> {
+    v.map_or(Ok(()), |r| r.validate(what))
 }
 
 impl DriveConfig {
@@ -134,7 +132,7 @@ impl DriveConfig {
         if self.io_engine == IoEngine::Async {
             return Err(ConfigError::Unsupported("io_engine \"Async\"".into()));
         }
-        unsupported_if_set("rate_limiter", &self.rate_limiter)?;
+        check_limiter("rate_limiter", self.rate_limiter.as_ref())?;
         if let Some(uuid) = &self.partuuid {
             check_partuuid(uuid)?;
         }
@@ -224,8 +222,8 @@ impl NetConfig {
         if self.mtu.is_some() {
             return Err(ConfigError::Unsupported("mtu".into()));
         }
-        unsupported_if_set("rx_rate_limiter", &self.rx_rate_limiter)?;
-        unsupported_if_set("tx_rate_limiter", &self.tx_rate_limiter)
+        check_limiter("rx_rate_limiter", self.rx_rate_limiter.as_ref())?;
+        check_limiter("tx_rate_limiter", self.tx_rate_limiter.as_ref())
     }
 
     /// The guest MAC, if one is set (and valid).
@@ -243,16 +241,16 @@ pub struct DriveUpdate {
     /// The new image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
-    /// Rate limiter (not in flatlet; `null` is accepted).
+    /// Limits on the drive's bandwidth and operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DriveUpdate {
     /// Checks what can be checked without the drive.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_id("drive_id", &self.drive_id)?;
-        unsupported_if_set("rate_limiter", &self.rate_limiter)?;
+        check_limiter("rate_limiter", self.rate_limiter.as_ref())?;
         if self.path_on_host.as_deref() == Some("") {
             return Err(ConfigError::EmptyPath("path_on_host"));
         }
@@ -266,20 +264,20 @@ impl DriveUpdate {
 pub struct NetUpdate {
     /// The interface's id.
     pub iface_id: String,
-    /// Rate limiters (not in flatlet; `null` is accepted).
+    /// Limits on what the interface receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
-    /// Rate limiters (not in flatlet; `null` is accepted).
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the interface sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetUpdate {
     /// Checks the update.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_id("iface_id", &self.iface_id)?;
-        unsupported_if_set("rx_rate_limiter", &self.rx_rate_limiter)?;
-        unsupported_if_set("tx_rate_limiter", &self.tx_rate_limiter)
+        check_limiter("rx_rate_limiter", self.rx_rate_limiter.as_ref())?;
+        check_limiter("tx_rate_limiter", self.tx_rate_limiter.as_ref())
     }
 }
 
@@ -428,9 +426,9 @@ mod tests {
         d.io_engine = IoEngine::Async;
         assert!(matches!(d.validate(), Err(ConfigError::Unsupported(_))));
         d.io_engine = IoEngine::Sync;
-        d.rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
-        assert!(matches!(d.validate(), Err(ConfigError::Unsupported(_))));
-        d.rate_limiter = Some(serde_json::Value::Null);
+        d.rate_limiter = serde_json::from_str(r#"{"bandwidth": {"size": 1, "refill_time": 1}}"#).unwrap();
+        d.validate().unwrap();
+        d.rate_limiter = None;
         d.validate().unwrap();
         d.drive_id = "bad id".into();
         assert!(d.validate().is_err());

@@ -6,6 +6,7 @@
 
 pub mod devices;
 pub mod files;
+pub mod rate_limit;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};
@@ -345,6 +346,8 @@ pub struct VmConfig {
     pub drives: Vec<devices::DriveConfig>,
     /// Network interfaces, in the order they were added.
     pub nets: Vec<devices::NetConfig>,
+    /// The entropy device, if any.
+    pub entropy: Option<rate_limit::EntropyConfig>,
     /// Which interfaces serve MMDS, and how, if any do.
     pub mmds: Option<flatlet_mmds::MmdsConfig>,
     /// The vsock device, if any.
@@ -387,8 +390,9 @@ pub struct ConfigFile {
     /// from `--metadata`).
     #[serde(default)]
     pub mmds_config: Option<flatlet_mmds::MmdsConfig>,
+    /// The entropy device, configured as `PUT /entropy` does.
     #[serde(default)]
-    entropy: Option<serde_json::Value>,
+    pub entropy: Option<rate_limit::EntropyConfig>,
     #[serde(default)]
     pmem: Option<serde_json::Value>,
     #[serde(default)]
@@ -434,7 +438,6 @@ impl ConfigFile {
         let present = [
             ("cpu-config", self.cpu_config.is_some()),
             ("balloon", self.balloon.is_some()),
-            ("entropy", self.entropy.is_some()),
             ("pmem", self.pmem.is_some()),
             ("memory-hotplug", self.memory_hotplug.is_some()),
         ];

@@ -235,3 +235,102 @@ fn a_bad_available_index_is_counted_and_moves_nothing() {
     assert_eq!(r.dev.stats().invalid_avail_idx, 100);
     assert!(recv(&r.peer).is_none());
 }
+
+/// Makes the chain at descriptor `head` available again (the mock's own
+/// add_desc_chains does not wrap around the ring).
+fn avail_again(mem: &GuestMemoryMmap, m: &MockSplitQueue<'_, GuestMemoryMmap>, head: u16) {
+    let avail = m.avail_addr().0;
+    let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(idx % 16)))
+        .unwrap();
+    mem.write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+        .unwrap();
+}
+
+fn manual_limiter(
+    bw: Option<crate::rate_limiter::BucketConfig>,
+    ops: Option<crate::rate_limiter::BucketConfig>,
+    ns: &Arc<std::sync::atomic::AtomicU64>,
+) -> RateLimiter {
+    RateLimiter::with_clock(bw, ops, crate::rate_limiter::Clock::Manual(ns.clone())).unwrap()
+}
+
+#[test]
+fn rate_limited_transmit_and_receive_keep_their_rates() {
+    use crate::rate_limiter::BucketConfig;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let within = |got: u64, want: f64| (got as f64 - want).abs() <= want * 0.05;
+    let ns = Arc::new(AtomicU64::new(1_000_000_000));
+    let mut r = rig();
+    // Transmit: 100 KB per 100 ms (1 MB/s) of 1000-byte frames; receive:
+    // 200 frames per 100 ms (2000/s).
+    let tx_bw = BucketConfig {
+        size: 100_000,
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    };
+    let rx_ops = BucketConfig {
+        size: 200,
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    };
+    r.dev.set_rate_limiters(
+        manual_limiter(None, Some(rx_ops), &ns),
+        manual_limiter(Some(tx_bw), None, &ns),
+    );
+    let f = frame(0, &[7u8; 1000 - 14]);
+    r.mem.write_slice(&f, GuestAddress(DATA_BASE)).unwrap();
+    add_chain(&r.tx, 0, &[(DATA_BASE, f.len() as u32, false)]);
+    let end = ns.load(Ordering::Relaxed) + 2_000_000_000;
+    let mut sent = 0u64;
+    while ns.load(Ordering::Relaxed) < end {
+        if r.dev.process_tx() == 1 {
+            sent += 1;
+            assert!(recv(&r.peer).is_some());
+            avail_again(r.mem, &r.tx, 0);
+            continue;
+        }
+        let l = r.dev.tx_limiter.as_mut().unwrap();
+        assert!(l.is_blocked(), "held back by the limiter, not lost");
+        let wait = l.wait_hint(1, 1000).max(std::time::Duration::from_micros(1));
+        ns.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+        l.on_timer();
+    }
+    assert!(within(sent * 1000, 2_000_000.0 + 100_000.0), "{sent} frames sent");
+    assert!(r.dev.stats().tx_throttled > 0);
+    // Receive, from a fresh start of the clock's count.
+    let start = ns.load(Ordering::Relaxed);
+    let end = start + 2_000_000_000;
+    add_chain(&r.rx, 0, &[(DATA_BASE + 0x1_0000, 2048, true)]);
+    let mut received = 0u64;
+    let small = frame(0, b"ping");
+    r.peer.send(&small).unwrap();
+    while ns.load(Ordering::Relaxed) < end {
+        let before = r.dev.stats().rx_frames;
+        r.dev.process_rx();
+        if r.dev.stats().rx_frames > before {
+            received += 1;
+            r.peer.send(&small).unwrap();
+            avail_again(r.mem, &r.rx, 0);
+            continue;
+        }
+        let l = r.dev.rx_limiter.as_mut().unwrap();
+        assert!(l.is_blocked(), "the frame waits for the limiter");
+        let wait = l.wait_hint(1, 4).max(std::time::Duration::from_micros(1));
+        ns.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+        l.on_timer();
+    }
+    assert!(within(received, 4000.0 + 200.0), "{received} frames received");
+    // A PATCH: receive unlimited from now on.
+    assert!(r.dev.update_rate_limiters(
+        (BucketUpdate::Keep, BucketUpdate::Remove),
+        (BucketUpdate::Keep, BucketUpdate::Keep)
+    ));
+    for _ in 0..500 {
+        let before = r.dev.stats().rx_frames;
+        r.dev.process_rx();
+        assert_eq!(r.dev.stats().rx_frames, before + 1, "no limit after the update");
+        r.peer.send(&small).unwrap();
+        avail_again(r.mem, &r.rx, 0);
+    }
+}
