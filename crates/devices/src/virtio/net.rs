@@ -530,6 +530,11 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+        // A frame that waited for the old driver's buffers is dropped,
+        // and counted as such.
+        if self.rx_len > 0 {
+            self.stats.dropped += 1;
+        }
         self.rx_len = 0;
     }
 
