@@ -431,12 +431,14 @@ fuzz_target!(|data: &[u8]| {
             }
             6 | 7 => rig.process_rx(),
             _ => {
-                // Reset (a frame waiting for buffers goes with it), and
+                // Reset (a frame waiting for buffers is dropped, counted), and
                 // maybe a new activation.
                 let b = input.u8();
                 rig.dev.reset();
                 rig.model.active = None;
-                rig.model.pending = None;
+                if rig.model.pending.take().is_some() {
+                    rig.model.stats.dropped += 1;
+                }
                 if b & 0x40 == 0 {
                     rig.activate(queue_size(b), b & 0x80 == 0);
                 }
