@@ -29,6 +29,7 @@ fn checked_arg(call: &str) -> Option<usize> {
     match call {
         "ioctl" => Some(1),
         "openat" => Some(2),
+        "socket" => Some(0),
         _ => None,
     }
 }
@@ -109,7 +110,8 @@ fn analyse(log: &str, seen: &mut Seen) {
             seen.calls.insert((f.to_string(), name.to_string()));
             if let Some(index) = checked_arg(name) {
                 // `ioctl(fd, 0xae80, ...` (or `0xae80 <unfinished ...>`).
-                let arg = call.split(", ").nth(index).unwrap_or("");
+                let args = call.split_once('(').map_or("", |(_, a)| a);
+                let arg = args.split(", ").nth(index).unwrap_or("");
                 let req = arg
                     .split(|c: char| !(c.is_ascii_hexdigit() || c == 'x'))
                     .next()

@@ -120,8 +120,9 @@ fn pattern(seed: u64, n: usize) -> Vec<u8> {
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Sends `data` on `s` from another thread while reading the echo;
@@ -191,7 +192,10 @@ fn a_refused_port_closes_the_host_connection() {
         return;
     }
     let vm = EchoVm::start("vsock-refused");
-    assert!(vm.try_connect(ECHO_PORT + 1).is_none(), "no OK for a port nobody listens on");
+    assert!(
+        vm.try_connect(ECHO_PORT + 1).is_none(),
+        "no OK for a port nobody listens on"
+    );
     // A line that is not CONNECT is closed too.
     let mut s = UnixStream::connect(&vm.uds).unwrap();
     s.write_all(b"HELLO\n").unwrap();
@@ -252,7 +256,9 @@ fn the_guest_connects_to_a_host_listener() {
     let server = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         (&s).write_all(b"pong from the host\n").unwrap();
         line
     });
@@ -263,7 +269,8 @@ fn the_guest_connects_to_a_host_listener() {
     let out = run(cmd, BOOT_LIMIT);
     out.check(out.code() == Some(0), "exit 0");
     out.check(
-        out.stdout.contains("flatlet-guest: vsock: got pong from the host"),
+        out.stdout
+            .contains("flatlet-guest: vsock: got pong from the host"),
         "the guest read the host's line",
     );
     assert_eq!(server.join().unwrap(), "hello from flatlet vsock\n");
@@ -274,7 +281,10 @@ fn the_guest_connects_to_a_host_listener() {
         .args(["--cmdline", "console=ttyS0 flatlet.vsock=connect:5002"]);
     let out = run(cmd, BOOT_LIMIT);
     out.check(out.code() == Some(0), "exit 0");
-    out.check(out.stdout.contains("vsock: connect refused: port 5002"), "refused");
+    out.check(
+        out.stdout.contains("vsock: connect refused: port 5002"),
+        "refused",
+    );
 }
 
 #[test]
@@ -283,7 +293,8 @@ fn configuration_checks_and_no_clobbering() {
     let file = dir.path("precious");
     std::fs::write(&file, b"keep me").unwrap();
     let mut cmd = flatlet();
-    cmd.args(["run", "--vsock"]).arg(format!("cid=3,uds={}", file.display()));
+    cmd.args(["run", "--vsock"])
+        .arg(format!("cid=3,uds={}", file.display()));
     let out = run(cmd, BOOT_LIMIT);
     out.check(out.code() != Some(0), "refused");
     out.check(out.stderr.contains("not a socket"), "says why");
@@ -330,10 +341,5 @@ fn put_vsock_and_vm_config() {
         _dir: TempDir::new("vsock-api-unused"),
     };
     assert_eq!(echo(echo_vm.connect(), b"via the API".to_vec()), b"via the API");
-    vm.fault(
-        "PUT",
-        "/vsock",
-        Some(&body),
-        "not supported after starting",
-    );
+    vm.fault("PUT", "/vsock", Some(&body), "not supported after starting");
 }

@@ -54,9 +54,10 @@ pub fn parse_vsock_option(s: &str) -> Result<VsockConfig, ConfigError> {
     for p in s.split(',') {
         match p.split_once('=') {
             Some(("cid", v)) => {
-                cid = Some(v.parse::<u32>().map_err(|_| {
-                    ConfigError::InvalidDevice(format!("invalid --vsock cid {v:?}"))
-                })?)
+                cid = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| ConfigError::InvalidDevice(format!("invalid --vsock cid {v:?}")))?,
+                )
             }
             Some(("uds", v)) => uds = Some(v.to_string()),
             _ => {
@@ -87,7 +88,8 @@ mod tests {
     #[test]
     fn firecracker_body_and_checks() {
         let c: VsockConfig =
-            serde_json::from_str(r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#).unwrap();
+            serde_json::from_str(r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#)
+                .unwrap();
         c.validate().unwrap();
         assert_eq!(c.vsock_id.as_deref(), Some("vsock0"));
         let c: VsockConfig = serde_json::from_str(r#"{"guest_cid": 52, "uds_path": "/v"}"#).unwrap();
@@ -95,7 +97,9 @@ mod tests {
             serde_json::to_value(&c).unwrap(),
             serde_json::json!({"guest_cid": 52, "uds_path": "/v"})
         );
-        assert!(serde_json::from_str::<VsockConfig>(r#"{"guest_cid": 3, "uds_path": "/v", "x": 1}"#).is_err());
+        assert!(
+            serde_json::from_str::<VsockConfig>(r#"{"guest_cid": 3, "uds_path": "/v", "x": 1}"#).is_err()
+        );
         assert!(serde_json::from_str::<VsockConfig>(r#"{"guest_cid": 3}"#).is_err());
         for bad in [
             r#"{"guest_cid": 2, "uds_path": "/v"}"#,
@@ -116,7 +120,13 @@ mod tests {
     fn option_parsing() {
         let c = parse_vsock_option("cid=7,uds=/tmp/v.sock").unwrap();
         assert_eq!((c.guest_cid, c.uds_path.as_str()), (7, "/tmp/v.sock"));
-        for bad in ["cid=7", "uds=/v", "cid=x,uds=/v", "cid=1,uds=/v", "cid=3,uds=/v,port=4"] {
+        for bad in [
+            "cid=7",
+            "uds=/v",
+            "cid=x,uds=/v",
+            "cid=1,uds=/v",
+            "cid=3,uds=/v,port=4",
+        ] {
             assert!(parse_vsock_option(bad).is_err(), "{bad}");
         }
     }
