@@ -69,17 +69,37 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
 
     let ns = NetNs::new("linux", "fllinux0").expect("network namespace and TAP");
     let socket = ns.udp_socket(7777);
+    // The entropy device, and MMDS on the NIC with a value to fetch.
+    let config = dir.path("devices.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{kernel}"}}, "entropy": {{}},
+                "mmds-config": {{"network_interfaces": ["net0"]}}}}"#
+        ),
+    )
+    .unwrap();
+    let metadata = dir.path("metadata.json");
+    std::fs::write(&metadata, r#"{"latest": {"meta-data": {"hostname": "flatlet-linux-vm"}}}"#).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .arg(env!("CARGO_BIN_EXE_flatlet"))
+        .arg("--metadata")
+        .arg(&metadata)
         .args(["run", "--kernel", &kernel, "--mem-mib", "256", "--vcpus", "2"])
+        .arg("--config-file")
+        .arg(&config)
         .arg("--drive")
         .arg(format!("{},root", image.display()))
         .args(["--net", "fllinux0,mac=06:00:0a:00:02:0f"])
         .args([
             "--cmdline",
-            "console=ttyS0 reboot=k panic=1 -- echo flatlet-linux-was-here > /marker && sync \
-             && udp-send 10.0.2.1 7777 hello-from-linux",
+            // Few words: Linux passes init at most 32 arguments.
+            "console=ttyS0 reboot=k panic=1 -- echo flatlet-linux-was-here >/marker&&sync\
+             &&udp-send 10.0.2.1 7777 hello-from-linux\
+             &&echo hwrng:$(head -c16 /dev/hwrng|od -An -tx1)\
+             &&ip r a 169.254.169.254 dev eth0\
+             &&echo mmds:$(wget -qO- http://169.254.169.254/latest/meta-data/hostname)",
         ]);
     let start = Instant::now();
     let out = run(cmd, boot_limit());
@@ -121,13 +141,23 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
     out.check(out.stdout.contains("flatlet-init: up, root on /dev/"), "init ran");
     out.check(
         out.stdout
-            .contains("flatlet-init: running: echo flatlet-linux-was-here > /marker && sync && udp-send"),
+            .contains("flatlet-init: running: echo flatlet-linux-was-here >/marker&&sync&&udp-send"),
         "init ran the command after `--`, and only that",
     );
     out.check(
         out.stdout.contains("flatlet-init: exit status 0"),
         "the command succeeded",
     );
+    // 16 bytes from virtio-rng, not all zero.
+    let hwrng = console
+        .lines()
+        .find_map(|l| l.strip_prefix("hwrng: "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|b| b.len() == 2)
+        .count();
+    out.check(hwrng == 16 && !console.contains("hwrng: 00 00 00 00 00 00 00 00"), "the guest read /dev/hwrng");
+    out.check(console.contains("mmds:flatlet-linux-vm"), "the guest fetched its MMDS value with wget");
     let boot_line = out
         .stderr
         .lines()
