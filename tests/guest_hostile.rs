@@ -184,7 +184,9 @@ fn a_console_nobody_reads_stalls_nothing() {
     let m = metrics(&vmm, &metrics_path);
     let later = m["uart"]["missed_write_count"].as_u64().unwrap();
     assert!(later > 0, "the guest stopped: {missed} then {later} more");
-    assert!(m["uart"]["write_count"].as_u64().unwrap() > later, "{m}");
+    // Every byte the guest wrote is counted, the dropped ones too (all of
+    // them while nobody reads).
+    assert!(m["uart"]["write_count"].as_u64().unwrap() >= later, "{m}");
     // The API answers, and the vCPU obeys pause and resume.
     let r = vmm.ok("GET", "/", None, quick);
     assert!(r.body.contains("Running"), "{r:?}");
