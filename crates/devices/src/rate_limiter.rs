@@ -277,6 +277,65 @@ impl RateLimiter {
     }
 }
 
+/// What a device does with its (optional) limiter, in one place.
+pub mod device {
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use event_manager::{EventOps, Events};
+    use virtio_queue::{Queue, QueueT};
+    use vmm_sys_util::epoll::EventSet;
+
+    use super::{BucketUpdate, RateLimiter};
+
+    /// Whether a request of `ops` operations and `bytes` bytes may go now
+    /// (always, without a limiter). When not, the chain the device just
+    /// popped from `queue` goes back, to be popped again when the
+    /// limiter's timer fires.
+    pub fn admit(limiter: Option<&mut RateLimiter>, queue: &mut Queue, ops: u64, bytes: u64) -> bool {
+        let Some(l) = limiter.filter(|l| l.is_limiting()) else {
+            return true;
+        };
+        if l.consume(ops, bytes) {
+            return true;
+        }
+        let next = queue.next_avail().wrapping_sub(1);
+        queue.set_next_avail(next);
+        false
+    }
+
+    /// Watches the limiter's timer on the event loop (`what` names the
+    /// device in a warning).
+    pub fn watch_timer(limiter: Option<&RateLimiter>, ops: &mut EventOps, what: &str) {
+        if let Some(l) = limiter {
+            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
+                log::warn!("{what}: cannot watch the rate limiter: {e}");
+            }
+        }
+    }
+
+    /// If `fd` is the limiter's timer: it fired, and is handled (true).
+    pub fn on_event(limiter: Option<&mut RateLimiter>, fd: RawFd) -> bool {
+        match limiter {
+            Some(l) if l.timer().as_raw_fd() == fd => {
+                l.on_timer();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Applies a `PATCH`; false when the device has no limiter.
+    pub fn update(limiter: Option<&mut RateLimiter>, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        match limiter {
+            Some(l) => {
+                l.update(bandwidth, ops);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

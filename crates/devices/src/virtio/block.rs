@@ -26,7 +26,6 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
@@ -42,7 +41,7 @@ use super::chain::{
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
-use crate::rate_limiter::{BucketUpdate, RateLimiter};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, device as limits};
 use crate::ratelimit::LogLimiter;
 
 /// Bytes in a sector.
@@ -213,32 +212,24 @@ impl Block {
 
     /// Changes the rate limits of a running drive (`PATCH /drives`).
     pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
-        match &mut self.limiter {
-            Some(l) => {
-                l.update(bandwidth, ops);
-                true
-            }
-            None => false,
-        }
+        limits::update(self.limiter.as_mut(), bandwidth, ops)
     }
 
     /// Whether the rate limiter lets the request at `head` go now (one
     /// operation, its data bytes). When not, it stays in the queue.
     fn admit(&mut self, active: &mut Active, head: u16) -> bool {
-        let Some(limiter) = self.limiter.as_mut().filter(|l| l.is_limiting()) else {
+        if !self.limiter.as_ref().is_some_and(RateLimiter::is_limiting) {
             return true;
-        };
+        }
         let bytes = descriptors(&active.mem, &active.queue, head)
             .map(|d| d.iter().map(|d| u64::from(d.len())).sum::<u64>())
             .unwrap_or(0)
             .saturating_sub(HEADER_LEN as u64 + 1);
-        if limiter.consume(1, bytes) {
-            return true;
+        let admitted = limits::admit(self.limiter.as_mut(), &mut active.queue, 1, bytes);
+        if !admitted {
+            self.stats.throttled += 1;
         }
-        self.stats.throttled += 1;
-        let next = active.queue.next_avail().wrapping_sub(1);
-        active.queue.set_next_avail(next);
-        false
+        admitted
     }
 
     /// Capacity in sectors.
@@ -619,12 +610,9 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _: &mut EventOps) {
-        match &mut self.limiter {
-            Some(l) if events.fd() == l.timer().as_raw_fd() => l.on_timer(),
-            _ => {
-                let _ = self.queue_evts[0].read();
-                self.stats.queue_events += 1;
-            }
+        if !limits::on_event(self.limiter.as_mut(), events.fd()) {
+            let _ = self.queue_evts[0].read();
+            self.stats.queue_events += 1;
         }
         self.process_queue();
     }
@@ -633,11 +621,7 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
             warn!("virtio-blk: cannot watch the queue: {e}");
         }
-        if let Some(l) = &self.limiter {
-            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
-                warn!("virtio-blk: cannot watch the rate limiter: {e}");
-            }
-        }
+        limits::watch_timer(self.limiter.as_ref(), ops, "virtio-blk");
     }
 }
 

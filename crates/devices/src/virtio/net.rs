@@ -25,7 +25,7 @@ use super::chain::{ChainError, Layout, descriptors, gather, pop_head, scatter, t
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
-use crate::rate_limiter::{BucketUpdate, RateLimiter};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, device as limits};
 use crate::ratelimit::LogLimiter;
 use std::io::{Read, Write};
 
@@ -220,14 +220,8 @@ impl Net {
         rx: (BucketUpdate, BucketUpdate),
         tx: (BucketUpdate, BucketUpdate),
     ) -> bool {
-        match (&mut self.rx_limiter, &mut self.tx_limiter) {
-            (Some(r), Some(t)) => {
-                r.update(rx.0, rx.1);
-                t.update(tx.0, tx.1);
-                true
-            }
-            _ => false,
-        }
+        let rx_done = limits::update(self.rx_limiter.as_mut(), rx.0, rx.1);
+        limits::update(self.tx_limiter.as_mut(), tx.0, tx.1) && rx_done
     }
 
     /// The counters.
@@ -251,12 +245,11 @@ impl Net {
                 }
             };
             let frame = frame_of(&a.mem, &a.tx, head, &mut self.tx_buf);
-            if let (Ok(len), Some(limiter)) = (&frame, self.tx_limiter.as_mut().filter(|l| l.is_limiting())) {
-                if !limiter.consume(1, len.saturating_sub(VNET_HDR_LEN) as u64) {
+            if let Ok(len) = &frame {
+                let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
+                if !limits::admit(self.tx_limiter.as_mut(), &mut a.tx, 1, bytes) {
                     // Left in the queue, for when the limiter's timer fires.
                     self.stats.tx_throttled += 1;
-                    let next = a.tx.next_avail().wrapping_sub(1);
-                    a.tx.set_next_avail(next);
                     break;
                 }
             }
@@ -567,15 +560,13 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if let Some(l) = self.tx_limiter.as_mut().filter(|l| l.timer().as_raw_fd() == fd) {
-            l.on_timer();
+        if limits::on_event(self.tx_limiter.as_mut(), fd) {
             self.process_tx();
             if !self.detour_pending() {
                 return;
             }
-        }
-        if let Some(l) = self.rx_limiter.as_mut().filter(|l| l.timer().as_raw_fd() == fd) {
-            l.on_timer();
+        } else if limits::on_event(self.rx_limiter.as_mut(), fd) {
+            // The waiting frame may go now: receive, below.
         } else if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
         } else if fd == self.queue_evts[TX].as_raw_fd() {
@@ -609,11 +600,8 @@ impl MutEventSubscriber for Net {
                 warn!("virtio-net: cannot watch an event: {e}");
             }
         }
-        for l in [&self.rx_limiter, &self.tx_limiter].into_iter().flatten() {
-            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
-                warn!("virtio-net: cannot watch a rate limiter: {e}");
-            }
-        }
+        limits::watch_timer(self.rx_limiter.as_ref(), ops, "virtio-net receive");
+        limits::watch_timer(self.tx_limiter.as_ref(), ops, "virtio-net transmit");
     }
 }
 

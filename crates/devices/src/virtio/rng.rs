@@ -6,8 +6,6 @@
 //! malformed or has no writable room is returned with nothing written,
 //! and counted.
 
-use std::os::fd::AsRawFd;
-
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
 use virtio_queue::{Queue, QueueT};
@@ -17,7 +15,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::chain::{Layout, descriptors, pop_head, scatter, total};
 use super::{ActivateError, Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt};
-use crate::rate_limiter::{BucketUpdate, RateLimiter};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, device as limits};
 use crate::ratelimit::LogLimiter;
 
 /// Device ID of an entropy source.
@@ -87,13 +85,7 @@ impl Rng {
 
     /// Changes the rate limits (a running device's, too).
     pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
-        match &mut self.limiter {
-            Some(l) => {
-                l.update(bandwidth, ops);
-                true
-            }
-            None => false,
-        }
+        limits::update(self.limiter.as_mut(), bandwidth, ops)
     }
 
     /// Fills every available buffer it may; returns how many it returned.
@@ -114,13 +106,9 @@ impl Rng {
             let len = match layout {
                 Ok(l) if total(&l.writable) > 0 => {
                     let n = total(&l.writable).min(MAX_REQUEST_BYTES);
-                    if let Some(limiter) = self.limiter.as_mut().filter(|l| l.is_limiting()) {
-                        if !limiter.consume(1, n as u64) {
-                            self.stats.throttled += 1;
-                            let next = a.queue.next_avail().wrapping_sub(1);
-                            a.queue.set_next_avail(next);
-                            break;
-                        }
+                    if !limits::admit(self.limiter.as_mut(), &mut a.queue, 1, n as u64) {
+                        self.stats.throttled += 1;
+                        break;
                     }
                     self.fill(&a.mem, &l.writable, n)
                 }
@@ -225,12 +213,9 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, _: &mut EventOps) {
-        match &mut self.limiter {
-            Some(l) if events.fd() == l.timer().as_raw_fd() => l.on_timer(),
-            _ => {
-                let _ = self.queue_evts[0].read();
-                self.stats.events += 1;
-            }
+        if !limits::on_event(self.limiter.as_mut(), events.fd()) {
+            let _ = self.queue_evts[0].read();
+            self.stats.events += 1;
         }
         self.process_queue();
     }
@@ -239,11 +224,7 @@ impl MutEventSubscriber for Rng {
         if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
             warn!("virtio-rng: cannot watch the queue: {e}");
         }
-        if let Some(l) = &self.limiter {
-            if let Err(e) = ops.add(Events::new(l.timer(), EventSet::IN)) {
-                warn!("virtio-rng: cannot watch the rate limiter: {e}");
-            }
-        }
+        limits::watch_timer(self.limiter.as_ref(), ops, "virtio-rng");
     }
 }
 
