@@ -151,8 +151,10 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
         ("PUT", ["metrics"]) => Request::PutMetrics(body::<MetricsConfig>(raw)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(body::<EntropyConfig>(raw)?),
         ("GET", ["mmds"]) => Request::GetMmds,
-        ("PUT", ["mmds"]) => Request::PutMmds(body::<serde_json::Value>(raw)?),
-        ("PATCH", ["mmds"]) => Request::PatchMmds(body::<serde_json::Value>(raw)?),
+        // A JSON object, as Firecracker's OpenAPI says (its binary takes any
+        // value, which `GET /mmds` then returns against that schema).
+        ("PUT", ["mmds"]) => Request::PutMmds(body::<serde_json::Map<_, _>>(raw)?.into()),
+        ("PATCH", ["mmds"]) => Request::PatchMmds(body::<serde_json::Map<_, _>>(raw)?.into()),
         ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(body::<MmdsConfig>(raw)?),
         ("PUT", ["vsock"]) => Request::PutVsock(body::<VsockConfig>(raw)?),
         _ => return Err(not_found()),
@@ -280,6 +282,17 @@ mod tests {
             ok("PATCH", "/mmds", r#"{"a": null}"#),
             Request::PatchMmds(serde_json::json!({"a": null}))
         );
+        for (method, bad) in [
+            ("PUT", "false"),
+            ("PUT", "[1]"),
+            ("PUT", "null"),
+            ("PATCH", "\"s\""),
+        ] {
+            assert!(
+                matches!(parse(method, "/mmds", bad.as_bytes()), Err(RouteError::Body(_))),
+                "{method} {bad}"
+            );
+        }
         assert!(matches!(
             ok(
                 "PUT",
