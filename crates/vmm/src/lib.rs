@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mmds;
 pub mod runtime;
 pub mod seccomp;
+pub mod snapshot;
 pub mod sys;
 pub mod thread;
 pub mod vcpu;
