@@ -147,3 +147,38 @@ write_seeds("virtio_mmio", {
     "net-odd": u8(1) + u8(0) + u16(0x70) + u8(3) + u64(1) + u8(1) + u16(0x1ffe) + u8(5) + u8(1) + u16(0xffc) + u8(5)
                + u8(12) + u8(4) + u8(13) + u8(1) + mm_notify(0) + u8(8) + u8(0x80) + u32(0xffffffff),
 })
+
+# --- virtio_vsock: first byte the guest CID (3 + b % 4), then operations.
+def vs_pkt(op, src=0, dst=(0, 0), buf=2, fwd=(0,), flags=0, length=0, cid_ok=True, split=(0,)):
+    out = u8(0) + u8(0 if cid_ok else 255) + u8(0) + u8(src) + u8(dst[0])
+    out += u8(dst[1]) if dst[0] != 3 else u32(dst[1])
+    out += u8(0) + u8(op) + u8(flags) + u8(buf) + u8(fwd[0]) + (u16(fwd[1]) if len(fwd) > 1 else b"")
+    out += (u8(0) + u16(length)) if op == 5 else u8(0)
+    return out + u8(1) + u8(0) + u8(7) + b"".join(u8(s) if i == 0 else u16(s) for i, s in enumerate(split))
+VS_CONNECT = u8(3)
+def vs_write(i, what, extra=b""): return u8(4) + u8(i) + u8(what) + extra
+def vs_read(i, kib=64): return u8(5) + u8(i) + u8(kib)
+def vs_close(i, how=0): return u8(6) + u8(i) + u8(how)
+def vs_accept(i): return u8(7) + u8(i)
+VS_POLL = u8(8) + u8(3)
+def vs_rx(count=4, sel=1): return u8(9) + u8(count) + u8(sel) + u8(0) * count
+def vs_time(ticks): return u8(10) + u8(ticks)
+VS_RESET = u8(11) + u8(0)
+
+write_seeds("virtio_vsock", {
+    "host-connect": u8(0) + VS_CONNECT + vs_write(0, 0) + VS_POLL + vs_rx(1)
+                    + vs_pkt(2) + VS_POLL + vs_read(0) + vs_write(0, 2, u8(4)) + VS_POLL + vs_rx()
+                    + vs_pkt(5, length=100, split=(1, 30)) + VS_POLL + vs_read(0) + vs_pkt(7) + vs_rx(1)
+                    + vs_pkt(4, flags=3) + VS_POLL + vs_rx() + vs_time(10) + VS_RESET,
+    "guest-connect": u8(1) + vs_pkt(1, dst=(2, 0)) + vs_rx(1) + vs_accept(0) + vs_write(0, 2, u8(1)) + VS_POLL
+                     + vs_rx(4, 2) + vs_pkt(5, dst=(2, 0), length=500) + VS_POLL + vs_read(0)
+                     + vs_pkt(6, dst=(2, 0), fwd=(1, 1026)) + vs_close(0) + VS_POLL + vs_rx(),
+    "refused": u8(0) + vs_pkt(1, dst=(3, 6000)) + vs_pkt(1, dst=(2, 1)) + vs_rx() + vs_pkt(5, length=10) + vs_rx(),
+    "timeouts": u8(0) + VS_CONNECT + vs_time(150) + VS_CONNECT + vs_write(0, 0) + VS_POLL + vs_rx(1) + vs_time(150)
+                + VS_POLL + vs_rx(),
+    "slow-reader": u8(0) + VS_CONNECT + vs_write(0, 4) + VS_POLL + vs_rx(1) + vs_pkt(2, buf=0)
+                   + vs_pkt(5, length=60000) + vs_pkt(5, length=60000) + VS_POLL + vs_rx()
+                   + vs_read(0, 8) + VS_POLL + vs_rx() + vs_pkt(4, flags=2) + vs_time(120) + vs_rx(),
+    "bad": u8(2) + vs_pkt(9) + vs_pkt(0, cid_ok=False) + vs_pkt(1, length=5) + vs_pkt(5, length=0xffff)
+           + VS_CONNECT + vs_write(0, 1, u8(12) + b"CONNECT  12\n") + VS_POLL + vs_rx() + VS_RESET,
+})

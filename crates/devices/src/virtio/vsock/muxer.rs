@@ -558,7 +558,11 @@ impl Muxer {
                 Err(_) => None,
             };
         }
-        while let Some(k) = self.rxq.pop_front() {
+        // Each connection queued now is asked once: one with nothing for
+        // this buffer (a buffer with no room past the header, say) is
+        // queued again for the next, not asked again here.
+        for _ in 0..self.rxq.len() {
+            let Some(k) = self.rxq.pop_front() else { break };
             let base = self.base_header();
             let Some(c) = self.conns.get_mut(&k) else { continue };
             c.in_rxq = false;
