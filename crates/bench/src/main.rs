@@ -7,6 +7,7 @@ mod devices;
 mod probe;
 mod report;
 mod stats;
+mod vsock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +121,23 @@ enum Cmd {
         #[arg(long)]
         flatlet: Option<PathBuf>,
     },
+    /// virtio-vsock through a microVM running the test guest's echo
+    /// service, against a Unix socket pair echoed by a host thread:
+    /// host->guest and guest->host MiB/s and a 1-byte round trip, as ratios.
+    Vsock {
+        /// MiB echoed per bulk round.
+        #[arg(long, default_value_t = 16)]
+        mib: usize,
+        /// Bulk rounds per path (interleaved; the table shows medians).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// 1-byte round trips per path.
+        #[arg(long, default_value_t = 1000)]
+        trips: usize,
+        /// The flatlet binary (default: the one next to flatlet-bench).
+        #[arg(long)]
+        flatlet: Option<PathBuf>,
+    },
     /// Measures one launch (used by the benchmarks themselves, so that each
     /// launch's resource usage is its own). Prints JSON.
     #[command(hide = true)]
@@ -205,6 +223,24 @@ fn main() -> ExitCode {
         {
             Ok(figures) => {
                 api::print(&figures);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flatlet-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Vsock {
+            mib,
+            rounds,
+            trips,
+            flatlet,
+        } => match flatlet
+            .map_or_else(|| sibling("flatlet"), Ok)
+            .and_then(|f| vsock::run(&f, mib, rounds, trips))
+        {
+            Ok(figures) => {
+                vsock::print(&figures);
                 ExitCode::SUCCESS
             }
             Err(e) => {
