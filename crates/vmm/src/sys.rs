@@ -148,6 +148,27 @@ pub fn resident_bytes(memory: &GuestMemoryMmap) -> u64 {
     total
 }
 
+/// `KVM_SET_XSAVE` with the legacy 4 KiB area, refused (`EINVAL`) when
+/// the VM's XSAVE state is larger than that area.
+///
+/// `xsave2_size` is `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` of the VM: the
+/// bytes KVM copies in (0 when the capability is absent, and KVM then
+/// copies `sizeof(struct kvm_xsave)`).
+pub fn set_xsave(
+    fd: &VcpuFd,
+    xsave: &kvm_bindings::kvm_xsave,
+    xsave2_size: i32,
+) -> Result<(), kvm_ioctls::Error> {
+    if usize::try_from(xsave2_size).unwrap_or(usize::MAX) > size_of::<kvm_bindings::kvm_xsave>() {
+        return Err(kvm_ioctls::Error::new(libc::EINVAL));
+    }
+    // SAFETY: KVM reads `max(KVM_CAP_XSAVE2, sizeof(kvm_xsave))` bytes
+    // from `xsave`; the check above makes that the size of `*xsave`, a
+    // live reference, so KVM never reads past its end. The contents are
+    // plain data that KVM validates (it refuses bad XSTATE headers).
+    unsafe { fd.set_xsave(xsave) }
+}
+
 const TUN_IOCTL: u32 = b'T' as u32;
 vmm_sys_util::ioctl_iow_nr!(TUNSETIFF, TUN_IOCTL, 202, c_int);
 vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, TUN_IOCTL, 208, std::os::raw::c_uint);

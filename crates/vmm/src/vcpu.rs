@@ -22,6 +22,7 @@ use crate::arch::{msr, regs};
 use crate::emulation::{FailedInstruction, Recovery, RecoveryError, bitness, instruction_bytes};
 use crate::exit::{ExitSignal, VmExit};
 use crate::metrics::ExitCounters;
+use crate::snapshot::vcpu::VcpuState;
 use crate::sys::{self, RunningVcpu};
 
 /// `KVM_SYSTEM_EVENT_SHUTDOWN`, `_RESET` and `_CRASH`.
@@ -80,7 +81,7 @@ impl MachineIo {
 }
 
 /// What the VMM thread asks of a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum VcpuCommand {
     /// Start running (after configuration).
     Run,
@@ -90,6 +91,14 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread.
     Stop,
+    /// While paused: read the vCPU's state (with these MSRs) and send it
+    /// back on `reply`.
+    Save {
+        /// The MSR indices to save.
+        msrs: Arc<Vec<u32>>,
+        /// Where the state (or why it could not be read) goes.
+        reply: Sender<Result<Box<VcpuState>, String>>,
+    },
 }
 
 /// What a vCPU thread reports.
@@ -113,6 +122,9 @@ pub struct VcpuSetup {
     pub cpuid: CpuId,
     /// For the boot vCPU: the kernel entry point.
     pub boot_entry: Option<u64>,
+    /// When restoring a snapshot: the saved state, set instead of the
+    /// boot state, and the VM's `KVM_CAP_XSAVE2` size.
+    pub restore: Option<(Box<VcpuState>, i32)>,
 }
 
 /// What a vCPU thread works with.
@@ -163,11 +175,12 @@ impl VcpuHandle {
 
     /// Sends a command and kicks the thread out of the guest.
     pub fn command(&self, cmd: VcpuCommand) {
+        let kick = !matches!(cmd, VcpuCommand::Run);
         if self.commands.send(cmd).is_err() {
             // The thread has already ended.
             return;
         }
-        if cmd != VcpuCommand::Run {
+        if kick {
             let Some(thread) = &self.thread else { return };
             if let Err(e) = thread.kill(self.kick_signal) {
                 debug!("vcpu {}: kick failed: {e}", self.index);
@@ -225,6 +238,11 @@ impl Drop for VcpuHandle {
 /// Sets up a vCPU: CPUID, MSRs, FPU, LAPIC LINT pins, and for the boot
 /// vCPU the long-mode registers of the boot protocol.
 pub fn configure(fd: &VcpuFd, setup: &VcpuSetup) -> Result<(), String> {
+    if let Some((state, xsave2_size)) = &setup.restore {
+        return state
+            .restore(fd, *xsave2_size)
+            .map_err(|e| format!("restoring the snapshot's state: {e}"));
+    }
     let e = |what: &str, err: kvm_ioctls::Error| format!("{what}: {err}");
     fd.set_cpuid2(&setup.cpuid)
         .map_err(|err| e("KVM_SET_CPUID2", err))?;
@@ -292,7 +310,7 @@ fn wait_for_run(ctx: &VcpuContext) -> bool {
 }
 
 /// Handles pending commands after a kick; false when the thread must end.
-fn handle_commands(index: u8, ctx: &VcpuContext) -> bool {
+fn handle_commands(index: u8, fd: &VcpuFd, ctx: &VcpuContext) -> bool {
     let mut paused = false;
     loop {
         let cmd = if paused {
@@ -318,6 +336,16 @@ fn handle_commands(index: u8, ctx: &VcpuContext) -> bool {
             Some(VcpuCommand::Resume) => {
                 paused = false;
                 let _ = ctx.events.send(VcpuEvent::Resumed(index));
+            }
+            Some(VcpuCommand::Save { msrs, reply }) => {
+                let state = if paused {
+                    VcpuState::save(index, fd, &msrs)
+                        .map(Box::new)
+                        .map_err(|e| format!("vCPU {index}: {e}"))
+                } else {
+                    Err(format!("vCPU {index} is not paused"))
+                };
+                let _ = reply.send(state);
             }
             Some(VcpuCommand::Run) => {}
         }
@@ -346,7 +374,7 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
             Ok(exit) => dispatch(index, exit, &ctx.io),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd().set_kvm_immediate_exit(0);
-                if handle_commands(index, ctx) {
+                if handle_commands(index, vcpu.fd(), ctx) {
                     Next::Continue
                 } else {
                     return;
@@ -369,7 +397,7 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
         // instruction: the VMM thread ends the VM; wait for its Stop.
         if ctx.exit.is_reported() {
             while let Ok(cmd) = ctx.commands.recv() {
-                if cmd == VcpuCommand::Stop {
+                if matches!(cmd, VcpuCommand::Stop) {
                     break;
                 }
             }

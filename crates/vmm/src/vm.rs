@@ -33,6 +33,7 @@ use crate::irqchip::{self, IrqchipError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
+use crate::snapshot::vcpu::{VcpuState, saved_msr_indices};
 use crate::sys;
 use crate::vcpu::{MachineIo, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle, VcpuSetup};
 
@@ -153,9 +154,9 @@ pub struct Vm {
     /// The virtio devices.
     pub virtio: Vec<VirtioSlot>,
     io: Arc<MachineIo>,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
-    _kvm: Kvm,
+    kvm: Kvm,
     /// The command line the guest got.
     pub cmdline: String,
 }
@@ -311,9 +312,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         boot_timer,
         virtio: virtio.slots,
         io,
-        _vm_fd: vm_fd,
+        vm_fd,
         memory,
-        _kvm: kvm,
+        kvm,
         cmdline,
     })
 }
@@ -373,6 +374,7 @@ fn start_vcpus(
             index,
             cpuid,
             boot_entry: (index == 0).then_some(s.entry),
+            restore: None,
         };
         let ctx = VcpuContext {
             io: s.io.clone(),
@@ -442,7 +444,7 @@ impl Vm {
         // Answers to an earlier command that timed out must not count.
         while self.vcpu_events.try_recv().is_ok() {}
         for h in &self.vcpus {
-            h.command(cmd);
+            h.command(cmd.clone());
         }
         let mut waiting: Vec<u8> = self.vcpus.iter().map(VcpuHandle::index).collect();
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
@@ -459,6 +461,35 @@ impl Vm {
     /// Stops the vCPUs from entering the guest.
     pub fn pause(&self) -> Result<(), String> {
         self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)
+    }
+
+    /// Reads every paused vCPU's state, on each vCPU's own thread.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, String> {
+        let msrs = Arc::new(saved_msr_indices(&self.kvm).map_err(|e| e.to_string())?);
+        let mut replies = Vec::with_capacity(self.vcpus.len());
+        for h in &self.vcpus {
+            let (reply, rx) = mpsc::channel();
+            h.command(VcpuCommand::Save {
+                msrs: msrs.clone(),
+                reply,
+            });
+            replies.push((h.index(), rx));
+        }
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        let mut states = Vec::with_capacity(replies.len());
+        for (index, rx) in replies {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(state) => states.push(*state?),
+                Err(_) => return Err(format!("vCPU {index} did not answer the save")),
+            }
+        }
+        Ok(states)
+    }
+
+    /// The VM's clock (kvmclock's base), for a snapshot.
+    pub fn save_clock(&self) -> Result<kvm_bindings::kvm_clock_data, String> {
+        self.vm_fd.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))
     }
 
     /// Lets the vCPUs run again.

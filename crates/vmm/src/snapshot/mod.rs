@@ -6,3 +6,4 @@
 //! checksummed file ([`format`]).
 
 pub mod format;
+pub mod vcpu;
