@@ -226,4 +226,11 @@ fn a_boot_with_a_drive_and_a_nic_moves_their_counters() {
 
     vmm.ok("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
     assert_eq!(vmm.wait_exit(Duration::from_secs(30)), Some(0));
+    // As Firecracker, a last line when the VM ends: the guest's reset
+    // through the i8042 (a port write) is in it.
+    let at_exit = lines(&metrics);
+    assert_eq!(at_exit.len(), all.len() + 1, "{at_exit:?}");
+    let end = at_exit.last().unwrap();
+    assert!(end["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{end}");
+    assert_eq!(end["block_data"]["read_count"], 0, "{end}");
 }

@@ -626,6 +626,13 @@ impl Controller {
     /// If the VM has ended, stops its threads and returns why.
     pub fn poll_exit(&mut self) -> Option<VmExit> {
         let exit = self.vm()?.exit_reason()?;
+        // A last line, as Firecracker writes when its VM stops, so that
+        // nothing counted since the last flush is lost.
+        if self.metrics.is_some() {
+            if let Err(e) = self.flush_metrics() {
+                log::warn!("{e}");
+            }
+        }
         if let State::Running(vm) | State::Paused(vm) = std::mem::replace(&mut self.state, State::Exited) {
             if exit.is_clean() {
                 info!("VM ended: {exit}");
