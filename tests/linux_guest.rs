@@ -1,7 +1,8 @@
 //! The Linux guest end to end: the kernel and root file system that
 //! tools/build-linux-guest makes boot to their init, which writes a file on
-//! the root drive (found afterwards in the image) and sends a datagram
-//! through virtio-net to a socket in a network namespace this test creates.
+//! the root drive (found afterwards in the image), sends a datagram
+//! through virtio-net to a socket in a network namespace this test creates,
+//! and exchanges a line over virtio-vsock with a host listener.
 //!
 //! Slow: one to two minutes on nested hosts, where guest ring-0 code is
 //! emulated; it is the only test that boots Linux. `tools/test` builds the
@@ -17,6 +18,8 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -79,8 +82,24 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
         ),
     )
     .unwrap();
+    // vsock: the guest connects to host port 5001, which flatlet forwards
+    // to a listener at `<uds>_5001`; it answers the guest's line with one.
+    let uds = dir.path("v.sock");
+    let vsock_listener = UnixListener::bind(dir.path("v.sock_5001")).unwrap();
+    let (vsock_tx, vsock_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (s, _) = vsock_listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        (&s).write_all(b"hello-from-host\n").unwrap();
+        let _ = vsock_tx.send(line);
+    });
     let metadata = dir.path("metadata.json");
-    std::fs::write(&metadata, r#"{"latest": {"meta-data": {"hostname": "flatlet-linux-vm"}}}"#).unwrap();
+    std::fs::write(
+        &metadata,
+        r#"{"latest": {"meta-data": {"hostname": "flatlet-linux-vm"}}}"#,
+    )
+    .unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .arg(env!("CARGO_BIN_EXE_flatlet"))
@@ -92,6 +111,8 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
         .arg("--drive")
         .arg(format!("{},root", image.display()))
         .args(["--net", "fllinux0,mac=06:00:0a:00:02:0f"])
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
         .args([
             "--cmdline",
             // Few words: Linux passes init at most 32 arguments.
@@ -99,7 +120,8 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
              &&udp-send 10.0.2.1 7777 hello-from-linux\
              &&echo hwrng:$(head -c16 /dev/hwrng|od -An -tx1)\
              &&ip r a 169.254.169.254 dev eth0\
-             &&echo mmds:$(wget -qO- http://169.254.169.254/latest/meta-data/hostname)",
+             &&echo mmds:$(wget -qO- http://169.254.169.254/latest/meta-data/hostname)\
+             &&vsock-send 5001 hello-from-linux",
         ]);
     let start = Instant::now();
     let out = run(cmd, boot_limit());
@@ -156,8 +178,18 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
         .split_whitespace()
         .filter(|b| b.len() == 2)
         .count();
-    out.check(hwrng == 16 && !console.contains("hwrng: 00 00 00 00 00 00 00 00"), "the guest read /dev/hwrng");
-    out.check(console.contains("mmds:flatlet-linux-vm"), "the guest fetched its MMDS value with wget");
+    out.check(
+        hwrng == 16 && !console.contains("hwrng: 00 00 00 00 00 00 00 00"),
+        "the guest read /dev/hwrng",
+    );
+    out.check(
+        console.contains("mmds:flatlet-linux-vm"),
+        "the guest fetched its MMDS value with wget",
+    );
+    out.check(
+        console.contains("vsock-send: got hello-from-host"),
+        "the guest read the host's line over vsock",
+    );
     let boot_line = out
         .stderr
         .lines()
@@ -169,6 +201,10 @@ fn linux_boots_writes_its_root_drive_and_sends_a_datagram() {
     let (n, from) = socket.recv_from(&mut buf).expect("the datagram arrived");
     assert_eq!(&buf[..n], b"hello-from-linux");
     assert_eq!(from.ip().to_string(), "10.0.2.15");
+    let line = vsock_rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("the guest connected over vsock");
+    assert_eq!(line, "hello-from-linux\n");
     assert_eq!(
         read_from_image(&image, "/marker"),
         "flatlet-linux-was-here\n",
