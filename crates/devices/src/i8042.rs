@@ -229,6 +229,68 @@ impl BusDevice for I8042 {
     }
 }
 
+/// Errors restoring the i8042.
+#[derive(Debug, thiserror::Error)]
+pub enum I8042StateError {
+    /// A field out of range.
+    #[error("i8042 state: {0}")]
+    Invalid(&'static str),
+}
+
+/// The i8042's state, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// What the next data-port write means (0-4).
+    pub pending: u8,
+    /// Bytes waiting for the guest.
+    pub buffer: Vec<u8>,
+}
+
+impl Pending {
+    const ALL: [Pending; 5] = [
+        Pending::None,
+        Pending::ControllerByte,
+        Pending::OutputPort,
+        Pending::KeyboardOutput,
+        Pending::KeyboardArgument,
+    ];
+}
+
+impl I8042 {
+    /// Its state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending: Pending::ALL.iter().position(|p| *p == self.pending).unwrap_or(0) as u8,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// Sets a fresh controller to `state` (untrusted: checked).
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), I8042StateError> {
+        let pending = *Pending::ALL
+            .get(usize::from(state.pending))
+            .ok_or(I8042StateError::Invalid("unknown pending command"))?;
+        if state.buffer.len() > BUFFER_LIMIT {
+            return Err(I8042StateError::Invalid("output buffer too long"));
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending = pending;
+        self.buffer = state.buffer.iter().copied().collect();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +407,25 @@ mod tests {
             0,
             "a two-byte write is not a reset command"
         );
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_states_are_refused() {
+        let mut r = rig();
+        r.dev.trigger_ctrl_alt_del().unwrap();
+        r.dev.write(4, &[CMD_WRITE_CTR]);
+        let state = r.dev.state();
+        assert_eq!(state.buffer.len(), 4);
+        assert_eq!(state.pending, 1);
+        let mut fresh = rig();
+        fresh.dev.restore(&state).unwrap();
+        assert_eq!(fresh.dev.state(), state);
+        assert_eq!(read(&mut fresh.dev, 0), 0x14);
+        let mut bad = state.clone();
+        bad.pending = 9;
+        assert!(fresh.dev.restore(&bad).is_err());
+        let mut bad = state;
+        bad.buffer = vec![0; BUFFER_LIMIT + 1];
+        assert!(fresh.dev.restore(&bad).is_err());
     }
 }

@@ -237,6 +237,83 @@ impl BusDevice for Serial {
     }
 }
 
+/// Errors restoring the UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// The saved receive FIFO is larger than the UART's.
+    #[error("serial state: the receive FIFO holds more than the UART's 64 bytes")]
+    FifoTooLarge,
+    /// The interrupt of the restored state could not be raised.
+    #[error("serial state: raising its interrupt failed")]
+    Interrupt,
+}
+
+/// The UART's registers and receive FIFO, for snapshots (vm-superio's
+/// `SerialState`, as a serde struct).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// DLL, DLM.
+    pub baud_divisor: [u8; 2],
+    /// IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 7],
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl Serial {
+    /// Its state, for a snapshot (buffered output is the host's, not
+    /// the guest's: it is not saved).
+    pub fn state(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            registers: [
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in `state` (untrusted: checked), otherwise as [`Serial::new`].
+    pub fn from_state(
+        irq: IrqLine,
+        out: Box<dyn Write + Send>,
+        input_ready: Option<EventFd>,
+        state: &SerialDeviceState,
+    ) -> Result<Self, SerialStateError> {
+        let [ier, iir, lcr, lsr, mcr, msr, scr] = state.registers;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let out = ConsoleOutput::new(out, OUTPUT_BUFFER);
+        let uart = vm_superio::Serial::from_state(&s, irq, InputEvents { input_ready }, out).map_err(
+            |e| match e {
+                vm_superio::serial::Error::FullFifo => SerialStateError::FifoTooLarge,
+                _ => SerialStateError::Interrupt,
+            },
+        )?;
+        Ok(Self {
+            uart,
+            log: LogLimiter::new("serial".into()),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +460,33 @@ mod tests {
         *pipe.room.lock().unwrap() = usize::MAX;
         drop(s);
         assert_eq!(&*pipe.got.0.lock().unwrap(), b"bye\n");
+    }
+
+    #[test]
+    fn state_round_trips_with_pending_input() {
+        let mut s = Serial::new(line(), Box::new(io::sink()), None);
+        s.write(3, &[0x83]); // LCR: DLAB on
+        s.write(0, &[0x0c]); // divisor 12
+        s.write(3, &[0x03]);
+        s.write(7, &[0x5a]); // scratch
+        assert_eq!(s.enqueue_input(b"hi"), 2);
+        let state = s.state();
+        assert_eq!(state.baud_divisor[0], 0x0c);
+        let mut r = Serial::from_state(line(), Box::new(io::sink()), None, &state).unwrap();
+        assert_eq!(r.state(), state);
+        let mut b = [0u8];
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'h');
+    }
+
+    #[test]
+    fn an_oversized_fifo_is_refused() {
+        let s = Serial::new(line(), Box::new(io::sink()), None);
+        let mut state = s.state();
+        state.in_buffer = vec![0; 65];
+        assert!(matches!(
+            Serial::from_state(line(), Box::new(io::sink()), None, &state),
+            Err(SerialStateError::FifoTooLarge)
+        ));
     }
 }

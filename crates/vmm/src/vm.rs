@@ -33,6 +33,7 @@ use crate::irqchip::{self, IrqchipError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
+use crate::snapshot::state::{DeviceStates, MachineState, MicrovmState, SnapshotError};
 use crate::snapshot::vcpu::{VcpuState, saved_msr_indices};
 use crate::sys;
 use crate::vcpu::{MachineIo, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle, VcpuSetup};
@@ -485,6 +486,34 @@ impl Vm {
             }
         }
         Ok(states)
+    }
+
+    /// The state of a paused VM, for a snapshot. Only the split irqchip
+    /// and VMs without virtio devices are supported yet.
+    pub fn save_state(&self, machine: MachineState) -> Result<MicrovmState, SnapshotError> {
+        let Some(ioapic) = &self.io.ioapic else {
+            return Err(SnapshotError::Unsupported(
+                "snapshots need the split irqchip (flatlet's default); the in-kernel irqchip is not supported",
+            ));
+        };
+        if !self.virtio.is_empty() {
+            return Err(SnapshotError::Unsupported(
+                "snapshots of VMs with drives/NICs/vsock/entropy devices are not supported yet",
+            ));
+        }
+        let vcpus = self.save_vcpus().map_err(SnapshotError::Save)?;
+        let clock = self.save_clock().map_err(SnapshotError::Save)?;
+        Ok(MicrovmState {
+            machine,
+            clock,
+            vcpus,
+            devices: DeviceStates {
+                ioapic: lock(ioapic).state(),
+                serial: lock(&self.serial).state(),
+                i8042: lock(&self.i8042).state(),
+                boot_timer: lock(&self.boot_timer).state(),
+            },
+        })
     }
 
     /// The VM's clock (kvmclock's base), for a snapshot.

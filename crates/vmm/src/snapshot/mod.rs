@@ -6,4 +6,5 @@
 //! checksummed file ([`format`]).
 
 pub mod format;
+pub mod state;
 pub mod vcpu;
