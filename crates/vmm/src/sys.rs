@@ -169,6 +169,25 @@ pub fn set_xsave(
     unsafe { fd.set_xsave(xsave) }
 }
 
+/// Which pages of `region` are resident (touched), one flag per 4 KiB
+/// page; all `true` when the host cannot tell (then every page is saved).
+pub fn resident_pages(region: &vm_memory::GuestRegionMmap) -> Vec<bool> {
+    let page = 4096usize;
+    let len = region.len() as usize;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+        return vec![true; vec.len()];
+    };
+    // SAFETY: `host` is the page-aligned start of a live mapping of `len`
+    // bytes (owned by `region`, borrowed here), and `vec` has one byte per
+    // page of it, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(host.cast::<c_void>(), len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return vec![true; vec.len()];
+    }
+    vec.iter().map(|b| b & 1 != 0).collect()
+}
+
 const TUN_IOCTL: u32 = b'T' as u32;
 vmm_sys_util::ioctl_iow_nr!(TUNSETIFF, TUN_IOCTL, 202, c_int);
 vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, TUN_IOCTL, 208, std::os::raw::c_uint);

@@ -6,5 +6,6 @@
 //! checksummed file ([`format`]).
 
 pub mod format;
+pub mod memory;
 pub mod state;
 pub mod vcpu;
