@@ -37,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/mmds"),
     ("PUT", "/mmds/config"),
     ("PUT", "/vsock"),
+    ("PUT", "/snapshot/create"),
 ];
 
 /// Why a request could not become a controller request.
@@ -147,6 +148,7 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
             VmStateValue::Resumed => Request::Resume,
         },
         ("GET", ["vm", "config"]) => Request::GetVmConfig,
+        ("PUT", ["snapshot", "create"]) => Request::CreateSnapshot(body(raw)?),
         ("PUT", ["logger"]) => Request::PutLogger(body::<LoggerConfig>(raw)?),
         ("PUT", ["metrics"]) => Request::PutMetrics(body::<MetricsConfig>(raw)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(body::<EntropyConfig>(raw)?),

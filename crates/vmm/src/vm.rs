@@ -546,6 +546,11 @@ impl Vm {
             .map_err(|e| e.to_string())
     }
 
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
     /// Guest memory the VM has touched, in bytes.
     pub fn touched_memory(&self) -> u64 {
         sys::resident_bytes(&self.memory)
