@@ -70,3 +70,83 @@ fn create_a_full_snapshot_of_the_paused_test_guest() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_loaded_snapshot_goes_on_where_it_stopped() {
+    if !kvm_or_skip("a_loaded_snapshot_goes_on_where_it_stopped") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-src");
+    let state = src.sock.with_file_name("vm.state");
+    let mem = src.sock.with_file_name("vm.mem");
+    src.ok(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
+    src.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(src.heartbeats(), 2, "paused right after heartbeat 2");
+    src.ok(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        )),
+    );
+    // The source ends; its directory (with the snapshot) stays until the
+    // end of the test.
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+
+    let dst = Vmm::start("snapshot-dst");
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        state.display(),
+        mem.display()
+    );
+    assert_eq!(dst.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
+    dst.wait_console("flatlet-guest: heartbeat 3", Duration::from_secs(30));
+    let console = dst.console.lock().unwrap().clone();
+    assert!(
+        !console.contains("heartbeat 1"),
+        "a new boot, not a restore: {console}"
+    );
+    assert!(
+        !console.contains("boot complete"),
+        "a new boot, not a restore: {console}"
+    );
+    // Load after loading (or configuring) is refused.
+    dst.fault("PUT", "/snapshot/load", Some(&load), "fresh flatlet");
+}
+
+#[test]
+fn bad_snapshot_files_are_refused_cleanly() {
+    if !kvm_or_skip("bad_snapshot_files_are_refused_cleanly") {
+        return;
+    }
+    let vmm = Vmm::start("snapshot-bad");
+    let state = vmm.sock.with_file_name("bad.state");
+    let mem = vmm.sock.with_file_name("bad.mem");
+    std::fs::write(&mem, vec![0u8; 4096]).unwrap();
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    std::fs::write(&state, b"not a snapshot at all, but long enough for a header").unwrap();
+    vmm.fault("PUT", "/snapshot/load", Some(&load), "bad magic");
+    std::fs::write(&state, b"FLATSNAP").unwrap();
+    vmm.fault("PUT", "/snapshot/load", Some(&load), "truncated");
+    // Still fresh: a boot works after the refusals.
+    let info: serde_json::Value = serde_json::from_str(&vmm.ok("GET", "/", None).body).unwrap();
+    assert_eq!(info["state"], "Not started");
+}

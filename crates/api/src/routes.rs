@@ -38,6 +38,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/mmds/config"),
     ("PUT", "/vsock"),
     ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// Why a request could not become a controller request.
@@ -149,6 +150,7 @@ pub fn parse(method: &str, path: &str, raw: &[u8]) -> Result<Request, RouteError
         },
         ("GET", ["vm", "config"]) => Request::GetVmConfig,
         ("PUT", ["snapshot", "create"]) => Request::CreateSnapshot(body(raw)?),
+        ("PUT", ["snapshot", "load"]) => Request::LoadSnapshot(body(raw)?),
         ("PUT", ["logger"]) => Request::PutLogger(body::<LoggerConfig>(raw)?),
         ("PUT", ["metrics"]) => Request::PutMetrics(body::<MetricsConfig>(raw)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(body::<EntropyConfig>(raw)?),

@@ -76,6 +76,8 @@ pub enum Request {
     GetMmds,
     /// `PUT /snapshot/create`.
     CreateSnapshot(crate::snapshot::SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(crate::snapshot::SnapshotLoadParams),
     /// `PUT /mmds`: replaces the MMDS contents (also `--metadata`).
     PutMmds(serde_json::Value),
     /// `PATCH /mmds`: a JSON merge patch of the MMDS contents.
@@ -492,6 +494,10 @@ impl Controller {
                 info!("network interface {}: rate limiters updated", u.iface_id);
                 Ok(Response::Empty)
             }
+            (State::NotStarted, Request::LoadSnapshot(p)) => self.load_snapshot(&p),
+            (_, Request::LoadSnapshot(_)) => Err(ControllerError::State(
+                "Loading a snapshot is only allowed on a fresh flatlet, before the microVM starts.",
+            )),
             (State::NotStarted, Request::CreateSnapshot(_)) => Err(ControllerError::State(NOT_BEFORE_START)),
             (State::Running(_), Request::CreateSnapshot(_)) => Err(ControllerError::State(
                 "Cannot create a snapshot while the microVM is running: pause it first (PATCH /vm Paused).",
@@ -509,6 +515,7 @@ impl Controller {
             serial_out: (self.serial_out)(),
             kick_signal: self.kick_signal,
             start: self.start,
+            restore: None,
         };
         let vm = vm::build(&self.config, ctx)?;
         // Before the event loop runs again, so before any frame is moved.
@@ -516,6 +523,47 @@ impl Controller {
             mmds::attach(&vm, c, &self.mmds);
         }
         self.state = State::Running(vm);
+        Ok(Response::Empty)
+    }
+
+    fn load_snapshot(
+        &mut self,
+        p: &crate::snapshot::SnapshotLoadParams,
+    ) -> Result<Response, ControllerError> {
+        use crate::snapshot::{format, memory, state::MicrovmState};
+        if self.config.boot.is_some() {
+            return Err(ControllerError::State(
+                "Loading a snapshot is not allowed after configuring the microVM (boot source set).",
+            ));
+        }
+        let mem_path = p.mem_path().map_err(ControllerError::State)?;
+        let t = std::time::Instant::now();
+        let state: MicrovmState = format::read(&p.snapshot_path)
+            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+        state
+            .validate()
+            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+        let memory = memory::map_private(mem_path, state.machine.mem_size_mib)
+            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+        let mut config = self.config.clone();
+        config.machine.vcpu_count = state.machine.vcpu_count;
+        config.machine.mem_size_mib = state.machine.mem_size_mib as usize;
+        config.machine.smt = state.machine.smt;
+        config.machine.irqchip = crate::irqchip::IrqchipMode::default();
+        let ctx = BuildContext {
+            host: self.host,
+            serial_out: (self.serial_out)(),
+            kick_signal: self.kick_signal,
+            start: self.start,
+            restore: Some(vm::RestoreSource { state, memory }),
+        };
+        let vm = vm::build(&config, ctx)?;
+        self.config = config;
+        info!("snapshot loaded in {} us", t.elapsed().as_micros());
+        self.state = State::Running(vm);
+        if !p.resume_vm {
+            self.pause()?;
+        }
         Ok(Response::Empty)
     }
 

@@ -92,6 +92,9 @@ pub enum BuildError {
         what: &'static str,
         source: std::io::Error,
     },
+    /// A snapshot's state could not be restored.
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
     /// A vCPU could not be configured.
     #[error("configuring vCPU {cpu}: {reason}")]
     VcpuConfig { cpu: u8, reason: String },
@@ -134,6 +137,16 @@ pub struct BuildContext {
     /// Where the boot time counts from (`--start-time-us`); the start of
     /// the build when not given.
     pub start: Option<StartTime>,
+    /// When loading a snapshot: its state and memory, instead of a boot.
+    pub restore: Option<RestoreSource>,
+}
+
+/// What a VM is restored from.
+pub struct RestoreSource {
+    /// The saved state (validated).
+    pub state: MicrovmState,
+    /// The guest memory, mapped from the memory file.
+    pub memory: GuestMemoryMmap,
 }
 
 /// A running (or paused) VM.
@@ -181,7 +194,11 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     let start = ctx.start.unwrap_or_else(StartTime::now);
     let mut steps = Steps { last: build_start };
     let machine = &config.machine;
-    let boot = config.boot.as_ref().ok_or(ConfigError::MissingBootSource)?;
+    let mut restore = ctx.restore;
+    let boot = match &restore {
+        Some(_) => None,
+        None => Some(config.boot.as_ref().ok_or(ConfigError::MissingBootSource)?),
+    };
     let cpus = machine.vcpu_count;
 
     let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
@@ -206,8 +223,10 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     let chip = irqchip::create(&vm_fd, config.machine.irqchip, mptable::ioapic_id(cpus))?;
     steps.mark("irqchip");
 
-    let mem_bytes = (machine.mem_size_mib as u64) << 20;
-    let memory = memory::create(machine.mem_size_mib)?;
+    let memory = match restore.as_mut() {
+        Some(r) => std::mem::take(&mut r.memory),
+        None => memory::create(machine.mem_size_mib)?,
+    };
     if machine.huge_pages == crate::config::HugePages::Transparent {
         memory::advise_huge_pages(&memory)?;
     }
@@ -216,11 +235,13 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
     let serial_input_ready = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        IrqLine::new(chip.controller.clone(), COM1_IRQ),
-        ctx.serial_out,
-        Some(serial_input_ready.try_clone().map_err(io_err("serial eventfd"))?),
-    )));
+    let serial_irq = IrqLine::new(chip.controller.clone(), COM1_IRQ);
+    let serial_ready = Some(serial_input_ready.try_clone().map_err(io_err("serial eventfd"))?);
+    let serial = Arc::new(Mutex::new(match &restore {
+        Some(r) => Serial::from_state(serial_irq, ctx.serial_out, serial_ready, &r.state.devices.serial)
+            .map_err(|e| BuildError::Restore(e.to_string()))?,
+        None => Serial::new(serial_irq, ctx.serial_out, serial_ready),
+    }));
     // The reset is reported from the vCPU thread that writes it, so that
     // it wins over whatever that vCPU would run into next.
     let reset_exit = exit.clone();
@@ -229,6 +250,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         IrqLine::new(chip.controller.clone(), KBD_IRQ),
     )));
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    if let Some(r) = &restore {
+        restore_devices(&r.state, &vm_fd, chip.ioapic.as_ref(), &i8042, &boot_timer)?;
+    }
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN)?;
     pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
@@ -246,35 +270,10 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     });
     steps.mark("devices");
 
-    let kernel = loader::load_kernel(&memory, &boot.kernel)?;
-    let initrd = match &boot.initrd {
-        Some(path) => Some(loader::load_initrd(
-            &memory,
-            path,
-            &kernel,
-            memory::low_ram_end(mem_bytes),
-        )?),
-        None => None,
+    let (entry, cmdline) = match boot {
+        Some(boot) => load_boot(config, boot, &memory, &virtio.cmdline, ctx.host)?,
+        None => (0, String::new()),
     };
-    let mut extra = virtio.cmdline.clone();
-    if let Some(flags) = ctx.host.linux_guest_flags() {
-        if loader::is_linux(&memory, &kernel) {
-            info!("nested host: adding to the Linux command line: {flags}");
-            extra.push(flags);
-        }
-    }
-    let cmdline = loader::build_cmdline(boot, &extra)?;
-    debug!("guest command line: {cmdline}");
-    let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
-    ZeroPage {
-        setup_header: kernel.setup_header,
-        cmdline_size,
-        initrd,
-        e820: e820_map(&memory::ram_regions(mem_bytes)),
-    }
-    .write(&memory)?;
-    mptable::write(&memory, cpus)?;
-    regs::write_boot_tables(&memory)?;
     steps.mark("kernel and boot tables");
 
     let (vcpus, vcpu_events) = start_vcpus(
@@ -286,21 +285,28 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
             io: &io,
             exit: &exit,
             kick_signal: ctx.kick_signal,
-            entry: kernel.entry,
+            entry,
+            restore: restore.map(|r| r.state.vcpus),
         },
         &mut steps,
     )?;
     device_manager::register_fast_paths(vm_fd.clone(), virtio.slots.clone(), chip.msi_sink.clone());
     info!(
-        "VM started: {cpus} vCPU(s), {} MiB, {} irqchip, {} virtio device(s), kernel {}, entry {:#x}",
+        "VM {}: {cpus} vCPU(s), {} MiB, {} irqchip, {} virtio device(s), kernel {}, entry {:#x}",
+        if boot.is_some() {
+            "started"
+        } else {
+            "restored from a snapshot"
+        },
         machine.mem_size_mib,
         config.machine.irqchip,
         virtio.slots.len(),
-        match &boot.kernel {
-            crate::config::Kernel::Path(p) => p.display().to_string(),
-            crate::config::Kernel::Builtin(_) => crate::config::BUILTIN_KERNEL_NAME.into(),
+        match boot.map(|b| &b.kernel) {
+            Some(crate::config::Kernel::Path(p)) => p.display().to_string(),
+            Some(crate::config::Kernel::Builtin(_)) => crate::config::BUILTIN_KERNEL_NAME.into(),
+            None => "(snapshot)".into(),
         },
-        kernel.entry
+        entry
     );
     debug!("guest command line: {cmdline}");
     Ok(Vm {
@@ -320,6 +326,76 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     })
 }
 
+/// Sets the restored devices (and the VM clock) to their saved state.
+fn restore_devices(
+    state: &MicrovmState,
+    vm_fd: &VmFd,
+    ioapic: Option<&Arc<Mutex<flatlet_devices::ioapic::IoApic>>>,
+    i8042: &Arc<Mutex<I8042>>,
+    boot_timer: &Arc<Mutex<BootTimer>>,
+) -> Result<(), BuildError> {
+    let restore_err = |e: String| BuildError::Restore(e);
+    let Some(ioapic) = ioapic else {
+        return Err(restore_err("snapshots need the split irqchip".into()));
+    };
+    lock(ioapic)
+        .restore(&state.devices.ioapic)
+        .map_err(|e| restore_err(e.to_string()))?;
+    lock(i8042)
+        .restore(&state.devices.i8042)
+        .map_err(|e| restore_err(e.to_string()))?;
+    lock(boot_timer).restore(&state.devices.boot_timer);
+    let mut clock = state.clock;
+    // Only the time itself: the flags KVM_GET_CLOCK reports are not all
+    // ones KVM_SET_CLOCK takes.
+    clock.flags = 0;
+    vm_fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
+}
+
+/// Loads the kernel, initrd and command line and writes the boot tables;
+/// returns the entry point and the command line.
+fn load_boot(
+    config: &VmConfig,
+    boot: &crate::config::BootSource,
+    memory: &GuestMemoryMmap,
+    virtio_cmdline: &[String],
+    host: HostKind,
+) -> Result<(u64, String), BuildError> {
+    let cpus = config.machine.vcpu_count;
+    let mem_bytes = (config.machine.mem_size_mib as u64) << 20;
+    let memory = memory.clone();
+    let kernel = loader::load_kernel(&memory, &boot.kernel)?;
+    let initrd = match &boot.initrd {
+        Some(path) => Some(loader::load_initrd(
+            &memory,
+            path,
+            &kernel,
+            memory::low_ram_end(mem_bytes),
+        )?),
+        None => None,
+    };
+    let mut extra = virtio_cmdline.to_vec();
+    if let Some(flags) = host.linux_guest_flags() {
+        if loader::is_linux(&memory, &kernel) {
+            info!("nested host: adding to the Linux command line: {flags}");
+            extra.push(flags);
+        }
+    }
+    let cmdline = loader::build_cmdline(boot, &extra)?;
+    debug!("guest command line: {cmdline}");
+    let cmdline_size = loader::write_cmdline(&memory, &cmdline)?;
+    ZeroPage {
+        setup_header: kernel.setup_header,
+        cmdline_size,
+        initrd,
+        e820: e820_map(&memory::ram_regions(mem_bytes)),
+    }
+    .write(&memory)?;
+    mptable::write(&memory, cpus)?;
+    regs::write_boot_tables(&memory)?;
+    Ok((kernel.entry, cmdline))
+}
+
 /// What starting the vCPUs needs.
 struct VcpuStart<'a> {
     kvm: &'a Kvm,
@@ -330,6 +406,8 @@ struct VcpuStart<'a> {
     exit: &'a Arc<ExitSignal>,
     kick_signal: i32,
     entry: u64,
+    /// When restoring: each vCPU's saved state, in index order.
+    restore: Option<Vec<VcpuState>>,
 }
 
 /// Creates the vCPUs, lets each thread configure its own in parallel, and
@@ -355,6 +433,8 @@ fn start_vcpus(
     let tsc_khz = fds.first().and_then(|fd| fd.get_tsc_khz().ok());
     steps.mark("KVM_CREATE_VCPU");
 
+    let xsave2_size = s.vm_fd.check_extension_int(Cap::Xsave2);
+    let mut saved = s.restore.map(|v| v.into_iter());
     let (events_tx, events_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(usize::from(cpus));
     for (index, fd) in (0..cpus).zip(fds) {
@@ -375,7 +455,10 @@ fn start_vcpus(
             index,
             cpuid,
             boot_entry: (index == 0).then_some(s.entry),
-            restore: None,
+            restore: saved
+                .as_mut()
+                .and_then(Iterator::next)
+                .map(|state| (Box::new(state), xsave2_size)),
         };
         let ctx = VcpuContext {
             io: s.io.clone(),

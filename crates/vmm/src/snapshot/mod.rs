@@ -36,3 +36,49 @@ pub struct SnapshotCreateParams {
     /// Where the memory file goes.
     pub mem_file_path: PathBuf,
 }
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// Only `File`.
+    pub backend_type: MemBackendType,
+    /// The memory file.
+    pub backend_path: PathBuf,
+}
+
+/// Memory backend kinds (`Uffd` is not supported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    /// A memory file, mapped privately.
+    File,
+}
+
+/// The body of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated form of `mem_backend` File.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// Run the VM at once (else it stays paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file, from whichever field gives it (exactly one must).
+    pub fn mem_path(&self) -> Result<&std::path::Path, &'static str> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) => Ok(&b.backend_path),
+            (None, Some(p)) => Ok(p),
+            (Some(_), Some(_)) => Err("Only one of mem_backend and mem_file_path may be given."),
+            (None, None) => Err("Either mem_backend or mem_file_path is required."),
+        }
+    }
+}
