@@ -113,8 +113,17 @@ fn a_loaded_snapshot_goes_on_where_it_stopped() {
         state.display(),
         mem.display()
     );
+    let mem_before = std::fs::read(&mem).unwrap();
+    // A clone from the same files at the same time: its writes are its own.
+    let clone = Vmm::start("snapshot-clone");
     assert_eq!(dst.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
+    assert_eq!(clone.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
     dst.wait_console("flatlet-guest: heartbeat 3", Duration::from_secs(30));
+    clone.wait_console("flatlet-guest: heartbeat 4", Duration::from_secs(30));
+    assert!(
+        std::fs::read(&mem).unwrap() == mem_before,
+        "the memory file is unchanged by the restored guests"
+    );
     let console = dst.console.lock().unwrap().clone();
     assert!(
         !console.contains("heartbeat 1"),
