@@ -117,8 +117,18 @@ fn a_loaded_snapshot_goes_on_where_it_stopped() {
     // A clone from the same files at the same time: its writes are its own.
     let clone = Vmm::start("snapshot-clone");
     assert_eq!(dst.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
-    assert_eq!(clone.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
+    // Without resume_vm, the clone stays paused until resumed.
+    let paused_load = load.replace(r#", "resume_vm": true"#, "");
+    assert_eq!(clone.ok("PUT", "/snapshot/load", Some(&paused_load)).status, 204);
+    let info: serde_json::Value = serde_json::from_str(&clone.ok("GET", "/", None).body).unwrap();
+    assert_eq!(info["state"], "Paused");
     dst.wait_console("flatlet-guest: heartbeat 3", Duration::from_secs(30));
+    assert_eq!(
+        clone.heartbeats(),
+        0,
+        "no heartbeat while the loaded clone is paused"
+    );
+    clone.ok("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     clone.wait_console("flatlet-guest: heartbeat 4", Duration::from_secs(30));
     assert!(
         std::fs::read(&mem).unwrap() == mem_before,
@@ -155,6 +165,19 @@ fn bad_snapshot_files_are_refused_cleanly() {
     vmm.fault("PUT", "/snapshot/load", Some(&load), "bad magic");
     std::fs::write(&state, b"FLATSNAP").unwrap();
     vmm.fault("PUT", "/snapshot/load", Some(&load), "truncated");
+    vmm.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&load.replace("}", r#", "track_dirty_pages": true}"#)),
+        "not supported yet",
+    );
+    let both = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+        state.display(),
+        mem.display(),
+        mem.display()
+    );
+    vmm.fault("PUT", "/snapshot/load", Some(&both), "Only one of");
     // Still fresh: a boot works after the refusals.
     let info: serde_json::Value = serde_json::from_str(&vmm.ok("GET", "/", None).body).unwrap();
     assert_eq!(info["state"], "Not started");

@@ -536,6 +536,9 @@ impl Controller {
                 "Loading a snapshot is not allowed after configuring the microVM (boot source set).",
             ));
         }
+        if let Some(what) = p.unsupported() {
+            return Err(ControllerError::State(what));
+        }
         let mem_path = p.mem_path().map_err(ControllerError::State)?;
         let t = std::time::Instant::now();
         let state: MicrovmState = format::read(&p.snapshot_path)
