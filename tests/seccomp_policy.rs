@@ -436,6 +436,84 @@ fn workloads(dir: &TempDir) -> Vec<String> {
     let st = child.wait().unwrap();
     assert!(st.code().is_some(), "stopped, not killed: {st:?}");
     logs.push(std::fs::read_to_string(&stay_log).unwrap());
+    logs.extend(snapshot_workload(dir, &guest));
+    logs
+}
+
+/// Starts a traced flatlet serving the API on `sock`; returns it and its
+/// PID (the head of its strace log).
+fn traced_api(log: &Path, sock: &Path) -> std::process::Child {
+    let child = traced(log, &["--api-sock", sock.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while flatlet_api::client::request(sock, "GET", "/", None).is_err() {
+        assert!(std::time::Instant::now() < deadline, "API never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Stops the traced flatlet whose strace log is `log` with SIGTERM.
+fn stop_traced(log: &Path, mut child: std::process::Child) -> String {
+    let head = std::fs::read_to_string(log).unwrap();
+    let pid: i32 = head.split('<').next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.code().is_some(), "stopped, not killed: {st:?}");
+    std::fs::read_to_string(log).unwrap()
+}
+
+/// A snapshot of a paused guest, and its load (and run) in a new flatlet.
+fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
+    let state = dir.path("snap.state");
+    let mem = dir.path("snap.mem");
+    let src_sock = dir.path("snapsrc.sock");
+    let src_log = dir.path("snapsrc.log");
+    let child = traced_api(&src_log, &src_sock);
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 flatlet.stay"}}"#,
+            guest.display()
+        ),
+    );
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    let mut logs = vec![stop_traced(&src_log, child)];
+    let dst_sock = dir.path("snapdst.sock");
+    let dst_log = dir.path("snapdst.log");
+    let child = traced_api(&dst_log, &dst_sock);
+    flatlet_api(
+        &dst_sock,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    logs.push(stop_traced(&dst_log, child));
     logs
 }
 
