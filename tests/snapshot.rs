@@ -49,6 +49,11 @@ fn create_a_full_snapshot_of_the_paused_test_guest() {
         Some(&body.replace("Full", "Diff")),
         "Diff snapshots are not supported yet",
     );
+    // A FIFO at the path is refused at once, not waited on.
+    let fifo = vmm.sock.with_file_name("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let to_fifo = body.replace(&state.display().to_string(), &fifo.display().to_string());
+    vmm.fault("PUT", "/snapshot/create", Some(&to_fifo), "snapshot file");
     assert_eq!(vmm.ok("PUT", "/snapshot/create", Some(&body)).status, 204);
 
     let file = std::fs::read(&state).unwrap();
@@ -163,6 +168,14 @@ fn bad_snapshot_files_are_refused_cleanly() {
     );
     std::fs::write(&state, b"not a snapshot at all, but long enough for a header").unwrap();
     vmm.fault("PUT", "/snapshot/load", Some(&load), "bad magic");
+    let fifo = vmm.sock.with_file_name("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    vmm.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&load.replace(&state.display().to_string(), &fifo.display().to_string())),
+        "not a regular file",
+    );
     std::fs::write(&state, b"FLATSNAP").unwrap();
     vmm.fault("PUT", "/snapshot/load", Some(&load), "truncated");
     vmm.fault(

@@ -595,9 +595,10 @@ impl Controller {
             .save_state(machine)
             .map_err(|e| ControllerError::Io(format!("Cannot create the snapshot: {e}")))?;
         let bytes = format::encode(&state).map_err(|e| ControllerError::Io(e.to_string()))?;
-        std::fs::write(&p.snapshot_path, &bytes)
+        crate::snapshot::create_regular(&p.snapshot_path)
+            .and_then(|mut f| f.write_all(&bytes))
             .map_err(|e| ControllerError::Io(format!("snapshot file {}: {e}", p.snapshot_path.display())))?;
-        let mem = std::fs::File::create(&p.mem_file_path)
+        let mem = crate::snapshot::create_regular(&p.mem_file_path)
             .map_err(|e| ControllerError::Io(format!("memory file {}: {e}", p.mem_file_path.display())))?;
         let written = memory::write_sparse(vm.memory(), &mem, &p.mem_file_path)
             .map_err(|e| ControllerError::Io(e.to_string()))?;

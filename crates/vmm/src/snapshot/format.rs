@@ -46,6 +46,9 @@ pub enum FormatError {
     /// The file could not be read or written.
     #[error("snapshot state file {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// Not a regular file (a FIFO, device or directory).
+    #[error("snapshot state file {path} is not a regular file")]
+    NotAFile { path: String },
     /// Larger than any state file flatlet writes.
     #[error("snapshot state file is {len} bytes, more than the {MAX_STATE_FILE} a state file can be")]
     TooLarge { len: u64 },
@@ -161,8 +164,14 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
         path: path.display().to_string(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
+    let file = super::open_regular(path, false).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(FormatError::NotAFile {
+            path: path.display().to_string(),
+        });
+    }
+    let len = meta.len();
     if len > MAX_STATE_FILE {
         return Err(FormatError::TooLarge { len });
     }
@@ -315,6 +324,7 @@ mod tests {
         let f = std::fs::File::create(&huge).unwrap();
         f.set_len(MAX_STATE_FILE + 1).unwrap();
         assert!(matches!(read::<Sample>(&huge), Err(FormatError::TooLarge { .. })));
+        assert!(matches!(read::<Sample>(&dir), Err(FormatError::NotAFile { .. })));
         let missing = read::<Sample>(&dir.join("missing")).unwrap_err();
         assert!(missing.to_string().contains("missing"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();

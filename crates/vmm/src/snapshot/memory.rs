@@ -94,7 +94,13 @@ pub fn map_private(path: &Path, mem_size_mib: u64) -> Result<GuestMemoryMmap, Me
         path: path.display().to_string(),
         source,
     };
-    let file = std::sync::Arc::new(File::open(path).map_err(io)?);
+    let file = std::sync::Arc::new(super::open_regular(path, false).map_err(io)?);
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(MemoryFileError::Map(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     let bytes = mem_size_mib
         .checked_mul(1 << 20)
         .ok_or_else(|| MemoryFileError::Map(format!("{mem_size_mib} MiB is too large")))?;
