@@ -546,13 +546,15 @@ impl Controller {
         state
             .validate()
             .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
-        let memory = memory::map_private(mem_path, state.machine.mem_size_mib)
-            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
         let mut config = self.config.clone();
         config.machine.vcpu_count = state.machine.vcpu_count;
         config.machine.mem_size_mib = state.machine.mem_size_mib as usize;
         config.machine.smt = state.machine.smt;
         config.machine.irqchip = crate::irqchip::IrqchipMode::default();
+        // The file's machine within this host's limits, as a configured one.
+        config.machine.validate(&self.limits)?;
+        let memory = memory::map_private(mem_path, state.machine.mem_size_mib)
+            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
         let ctx = BuildContext {
             host: self.host,
             serial_out: (self.serial_out)(),
