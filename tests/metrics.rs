@@ -177,7 +177,10 @@ fn a_boot_with_a_drive_and_a_nic_moves_their_counters() {
         assert!(t(group, "rx_queue_event_count") >= 1, "{group}: {last}");
         assert!(t(group, "rx_tap_event_count") >= 1, "{group}: {last}");
         let rx = t(group, "rx_count");
-        assert!((1..=2).contains(&rx), "{group}.rx_count {rx}: {last}");
+        // At least our broadcast; the host's own IPv6 chatter on a new TAP
+        // (router solicitations, MLD) may add frames, more of them when
+        // the machine is slow.
+        assert!(rx >= 1, "{group}.rx_count {rx}: {last}");
         assert_eq!(t(group, "rx_packets_count"), rx, "{group}: {last}");
         // Our broadcast is 14 + 20 + 8 + 11 = 53 bytes; each frame at least 42.
         assert!(t(group, "rx_bytes_count") >= 42 * rx, "{group}: {last}");
