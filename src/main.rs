@@ -108,17 +108,22 @@ fn informational(fc: &FirecrackerArgs) -> Option<u8> {
         );
         return Some(0);
     }
-    let no_snapshots = |flag: &str| {
-        eprintln!(
-            "flatlet: {flag}: flatlet does not support snapshots yet, so it has no snapshot data format"
-        );
-        Some(EXIT_BAD_CONFIG as u8)
-    };
+    let format = flatlet_vmm::snapshot::format::FORMAT_VERSION;
     if fc.snapshot_version {
-        return no_snapshots("--snapshot-version");
+        println!("v{format}");
+        return Some(0);
     }
-    if fc.describe_snapshot.is_some() {
-        return no_snapshots("--describe-snapshot");
+    if let Some(path) = &fc.describe_snapshot {
+        return match flatlet_vmm::snapshot::format::describe(path) {
+            Ok(version) => {
+                println!("v{version}");
+                Some(0)
+            }
+            Err(e) => {
+                eprintln!("flatlet: --describe-snapshot: {e}");
+                Some(EXIT_BAD_CONFIG as u8)
+            }
+        };
     }
     None
 }

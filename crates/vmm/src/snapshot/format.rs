@@ -107,6 +107,17 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 
 /// Checks a complete state file and decodes its payload.
 pub fn decode<T: DeserializeOwned>(file: &[u8]) -> Result<T, FormatError> {
+    let payload = verify(file)?;
+    let (state, rest) = postcard::take_from_bytes(payload).map_err(FormatError::Decode)?;
+    if !rest.is_empty() {
+        return Err(FormatError::TrailingBytes { extra: rest.len() });
+    }
+    Ok(state)
+}
+
+/// Checks a complete state file's header and checksum; returns its
+/// payload.
+fn verify(file: &[u8]) -> Result<&[u8], FormatError> {
     if file.len() < HEADER_LEN {
         // Too short to say what it is: a bad magic if even that differs.
         if !MAGIC.starts_with(&file[..file.len().min(MAGIC.len())]) {
@@ -150,16 +161,24 @@ pub fn decode<T: DeserializeOwned>(file: &[u8]) -> Result<T, FormatError> {
     if found != expected {
         return Err(FormatError::Checksum { found, expected });
     }
-    let (state, rest) = postcard::take_from_bytes(payload).map_err(FormatError::Decode)?;
-    if !rest.is_empty() {
-        return Err(FormatError::TrailingBytes { extra: rest.len() });
-    }
-    Ok(state)
+    Ok(payload)
 }
 
 /// Reads and decodes a state file, refusing files larger than
 /// [`MAX_STATE_FILE`] before reading them.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    decode(&read_bytes(path)?)
+}
+
+/// `--describe-snapshot`: the format version of the state file at `path`,
+/// once its header and checksum are checked.
+pub fn describe(path: &Path) -> Result<u16, FormatError> {
+    verify(&read_bytes(path)?)?;
+    Ok(FORMAT_VERSION)
+}
+
+/// A state file's bytes, bounded by [`MAX_STATE_FILE`] before reading.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, FormatError> {
     let io = |source| FormatError::Io {
         path: path.display().to_string(),
         source,
@@ -184,7 +203,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
             len: bytes.len() as u64,
         });
     }
-    decode(&bytes)
+    Ok(bytes)
 }
 
 #[cfg(test)]
