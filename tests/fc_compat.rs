@@ -16,12 +16,21 @@ fn informational_and_refused_flags() {
     assert!(out.stdout.starts_with("flatlet v") && out.stdout.contains("Firecracker API v1.17.0-dev"));
     // Snapshots: the format this flatlet writes, and a file's.
     let out = run(with(&["--snapshot-version"]), Duration::from_secs(10));
-    out.check(out.code() == Some(0) && out.stdout.trim() == "v1", "--snapshot-version");
+    out.check(
+        out.code() == Some(0) && out.stdout.trim() == "v1",
+        "--snapshot-version",
+    );
     let dir = TempDir::new("describe");
     let good = dir.path("state");
     std::fs::write(&good, flatlet_vmm::snapshot::format::encode(&42u32).unwrap()).unwrap();
-    let out = run(with(&["--describe-snapshot", good.to_str().unwrap()]), Duration::from_secs(10));
-    out.check(out.code() == Some(0) && out.stdout.trim() == "v1", "--describe-snapshot");
+    let out = run(
+        with(&["--describe-snapshot", good.to_str().unwrap()]),
+        Duration::from_secs(10),
+    );
+    out.check(
+        out.code() == Some(0) && out.stdout.trim() == "v1",
+        "--describe-snapshot",
+    );
     let mut bytes = std::fs::read(&good).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
