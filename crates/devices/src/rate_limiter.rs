@@ -186,16 +186,7 @@ impl RateLimiter {
         if self.blocked {
             return false;
         }
-        let now = self.clock.now_ns();
-        let mut wait = Duration::ZERO;
-        for (bucket, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, ops)] {
-            if let Some(b) = bucket {
-                b.refill(now);
-                if !b.can_take(n) {
-                    wait = wait.max(b.wait_for(n));
-                }
-            }
-        }
+        let wait = self.shortfall(ops, bytes);
         if wait > Duration::ZERO {
             self.block(wait);
             return false;
@@ -262,12 +253,18 @@ impl RateLimiter {
     }
 
     /// How long a blocked limiter waits (for tests driving a manual clock).
-    pub fn wait_hint(&self, ops: u64, bytes: u64) -> Duration {
+    pub fn wait_hint(&mut self, ops: u64, bytes: u64) -> Duration {
+        self.shortfall(ops, bytes)
+    }
+
+    /// Refills the buckets to now; how long until both can take the
+    /// request (zero: now).
+    fn shortfall(&mut self, ops: u64, bytes: u64) -> Duration {
+        let now = self.clock.now_ns();
         let mut wait = Duration::ZERO;
-        for (bucket, n) in [(&self.bandwidth, bytes), (&self.ops, ops)] {
+        for (bucket, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, ops)] {
             if let Some(b) = bucket {
-                let mut b = b.clone();
-                b.refill(self.clock.now_ns());
+                b.refill(now);
                 if !b.can_take(n) {
                     wait = wait.max(b.wait_for(n));
                 }

@@ -38,9 +38,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::chain::{
     ChainError, Layout, Region, descriptors, gather, pop_head, scatter, skip, take_last_byte, total,
 };
-use super::{
-    ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, VirtioInterrupt, read_config_bytes,
-};
+use super::{ActivateError, Activation, F_VERSION_1, TYPE_BLOCK, VirtioDevice, read_config_bytes};
 use crate::rate_limiter::{BucketUpdate, RateLimiter, device as limits};
 use crate::ratelimit::LogLimiter;
 
@@ -153,11 +151,7 @@ pub struct BlockStats {
     pub throttled: u64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: VirtioInterrupt,
-}
+use super::SingleQueue as Active;
 
 /// A virtio block device.
 pub struct Block {
@@ -564,15 +558,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let Some(queue) = a.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
+        self.active = Some(Active::from_activation(a)?);
         // Requests made before activation are picked up now.
         let _ = self.queue_evts[0].write(1);
         Ok(())

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use event_manager::MutEventSubscriber;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -88,6 +88,29 @@ pub struct Activation {
     pub interrupt: VirtioInterrupt,
     /// Features the driver accepted.
     pub acked_features: u64,
+}
+
+/// What a started single-queue device (block, rng) works with: guest
+/// memory, its one queue and its interrupt.
+pub(crate) struct SingleQueue {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queue: Queue,
+    pub(crate) interrupt: VirtioInterrupt,
+}
+
+impl SingleQueue {
+    /// The driver's one queue from `a`, if it set it up and made it ready.
+    pub(crate) fn from_activation(a: Activation) -> Result<Self, ActivateError> {
+        let got = a.queues.len();
+        let Some(queue) = a.queues.into_iter().next().filter(|q| q.ready()) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        Ok(Self {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        })
+    }
 }
 
 /// A virtio device model.

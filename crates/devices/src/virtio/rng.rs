@@ -8,13 +8,13 @@
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::chain::{Layout, descriptors, pop_head, scatter, total};
-use super::{ActivateError, Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt};
+use super::{ActivateError, Activation, F_VERSION_1, VirtioDevice};
 use crate::rate_limiter::{BucketUpdate, RateLimiter, device as limits};
 use crate::ratelimit::LogLimiter;
 
@@ -42,11 +42,7 @@ pub struct RngStats {
     pub throttled: u64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: VirtioInterrupt,
-}
+use super::SingleQueue as Active;
 
 /// Fills a buffer with random bytes.
 pub type EntropySource = Box<dyn FnMut(&mut [u8]) -> std::io::Result<()> + Send>;
@@ -181,15 +177,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let Some(queue) = a.queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
+        self.active = Some(Active::from_activation(a)?);
         let _ = self.queue_evts[0].write(1);
         Ok(())
     }
