@@ -487,10 +487,16 @@ impl Controller {
                 let rx = u.rx_rate_limiter.as_ref().unwrap_or(&none);
                 let tx = u.tx_rate_limiter.as_ref().unwrap_or(&none);
                 flatlet_devices::bus::lock(net).update_rate_limiters(rx.updates(), tx.updates());
-                config.rx_rate_limiter =
-                    Some(RateLimiterConfig::patched(config.rx_rate_limiter.as_ref(), rx));
-                config.tx_rate_limiter =
-                    Some(RateLimiterConfig::patched(config.tx_rate_limiter.as_ref(), tx));
+                // As for drives: a limiter the PATCH leaves out stays as it
+                // was in GET /vm/config (absent, not `{}`).
+                for (given, shown) in [
+                    (&u.rx_rate_limiter, &mut config.rx_rate_limiter),
+                    (&u.tx_rate_limiter, &mut config.tx_rate_limiter),
+                ] {
+                    if let Some(r) = given {
+                        *shown = Some(RateLimiterConfig::patched(shown.as_ref(), r));
+                    }
+                }
                 info!("network interface {}: rate limiters updated", u.iface_id);
                 Ok(Response::Empty)
             }
