@@ -1,19 +1,161 @@
 //! Snapshots through the real binary: `PUT /snapshot/create` on a paused
-//! test guest writes a valid state file and a sparse memory file, and the
-//! state errors Firecracker gives.
-//!
-//! Loading (`PUT /snapshot/load`) is not served yet: the next step adds it
-//! and the heartbeat-3-after-restore test.
+//! test guest writes a valid state file and a sparse memory file; a new
+//! flatlet loads it and goes on where it stopped (heartbeat 3, not a new
+//! boot), with its drive and NIC (on another TAP) working; 8 clones run at
+//! once from one snapshot; and the state errors Firecracker gives.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use common::kvm_or_skip;
 use common::vmm::Vmm;
+use common::{NetNs, can_do_tap_tests, kvm_or_skip};
+
+/// Pauses `vmm` and takes a Full snapshot into its directory; returns the
+/// state and memory files.
+fn pause_and_snapshot(vmm: &Vmm) -> (PathBuf, PathBuf) {
+    let state = vmm.sock.with_file_name("vm.state");
+    let mem = vmm.sock.with_file_name("vm.mem");
+    vmm.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    vmm.ok(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        )),
+    );
+    (state, mem)
+}
+
+/// A `PUT /snapshot/load` body; `extra` is more JSON fields.
+fn load_body(state: &std::path::Path, mem: &std::path::Path, extra: &str) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}{extra}}}"#,
+        state.display(),
+        mem.display()
+    )
+}
+
+#[test]
+fn a_restored_vm_keeps_its_drive_and_its_nic_on_another_tap() {
+    if !can_do_tap_tests("a_restored_vm_keeps_its_drive_and_its_nic_on_another_tap") {
+        return;
+    }
+    // The source's TAP and the clone's are in two namespaces: a datagram
+    // in the second can only come from the restored VM.
+    let ns_a = NetNs::new("snapa", "fltapa").expect("namespace and TAP");
+    let ns_b = NetNs::new("snapb", "fltapb").expect("namespace and TAP");
+    let socket = ns_b.udp_socket(7777);
+    let mut src = Vmm::start_in_netns("snapshot-dev-src", &ns_a.name);
+    let drive = src.sock.with_file_name("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..4].copy_from_slice(b"DISK");
+    std::fs::write(&drive, &image).unwrap();
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
+    );
+    src.ok(
+        "PUT",
+        "/drives/data",
+        Some(&format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            drive.display()
+        )),
+    );
+    src.ok(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "fltapa", "guest_mac": "06:00:0a:00:02:0f"}"#),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console("flatlet-guest: net: heartbeat 2 sent", Duration::from_secs(30));
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    let written = std::fs::read(&drive).unwrap();
+    assert_eq!(&written[512..534], b"flatlet-guest-was-here", "the boot's write");
+
+    // An override of an interface the snapshot does not have is refused.
+    let dst = Vmm::start_in_netns("snapshot-dev-dst", &ns_b.name);
+    dst.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(
+            &state,
+            &mem,
+            r#", "network_overrides": [{"iface_id": "eth9", "host_dev_name": "fltapb"}]"#,
+        )),
+        "no such interface",
+    );
+    dst.ok(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(
+            &state,
+            &mem,
+            r#", "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "fltapb"}]"#,
+        )),
+    );
+    dst.wait_console("flatlet-guest: net: heartbeat 3 sent", Duration::from_secs(30));
+    let console = dst.console.lock().unwrap().clone();
+    assert!(
+        console.contains("flatlet-guest: blk: heartbeat 3 read: flatlet-guest-was-here"),
+        "the restored drive reads what was written before the snapshot: {console}"
+    );
+    assert!(
+        !console.contains("boot complete"),
+        "a restore, not a boot: {console}"
+    );
+    let mut buf = [0u8; 256];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .expect("a datagram on the override TAP");
+    assert_eq!(&buf[..n], b"hello from flatlet");
+    assert_eq!(from.to_string(), "10.0.2.15:7777");
+    let config: serde_json::Value = serde_json::from_str(&dst.ok("GET", "/vm/config", None).body).unwrap();
+    assert_eq!(config["network-interfaces"][0]["host_dev_name"], "fltapb");
+    assert_eq!(config["drives"][0]["drive_id"], "data");
+}
+
+#[test]
+fn eight_clones_of_one_snapshot_run_at_once() {
+    if !kvm_or_skip("eight_clones_of_one_snapshot_run_at_once") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-clones-src");
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console("flatlet-guest: heartbeat 1", Duration::from_secs(30));
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    let clones: Vec<Vmm> = (0..8)
+        .map(|i| Vmm::start(&format!("snapshot-clone{i}")))
+        .collect();
+    let body = load_body(&state, &mem, r#", "resume_vm": true"#);
+    std::thread::scope(|s| {
+        for c in &clones {
+            let body = &body;
+            s.spawn(move || c.ok("PUT", "/snapshot/load", Some(body)));
+        }
+    });
+    for c in &clones {
+        c.wait_console("flatlet-guest: heartbeat 3", Duration::from_secs(60));
+        assert!(!c.console.lock().unwrap().contains("heartbeat 1"));
+    }
+}
 
 #[test]
 fn create_a_full_snapshot_of_the_paused_test_guest() {
@@ -150,6 +292,12 @@ fn a_loaded_snapshot_goes_on_where_it_stopped() {
     );
     // Load after loading (or configuring) is refused.
     dst.fault("PUT", "/snapshot/load", Some(&load), "fresh flatlet");
+    // The restored guest's reset ends the restored VM, as a booted one's.
+    let mut dst = dst;
+    dst.ok("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), Some(0));
+    let console = dst.console.lock().unwrap().clone();
+    assert!(console.contains("ctrl-alt-del, resetting"), "{console}");
 }
 
 #[test]

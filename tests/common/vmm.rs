@@ -45,11 +45,23 @@ impl Vmm {
 
     /// Starts flatlet with `--api-sock` and `args`, and `env` set.
     pub fn start_with(tag: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(tag, Command::new(env!("CARGO_BIN_EXE_flatlet")), args, env)
+    }
+
+    /// Starts flatlet in the network namespace `netns` (its TAPs are
+    /// there).
+    pub fn start_in_netns(tag: &str, netns: &str) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_flatlet")]);
+        Self::launch(tag, cmd, &[], &[])
+    }
+
+    fn launch(tag: &str, mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new(tag);
         let sock = dir.path("api.sock");
         let guest = dir.path("guest.elf");
         std::fs::write(&guest, flatlet_guest::ELF).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flatlet"))
+        let mut child = cmd
             .arg("--api-sock")
             .arg(&sock)
             .args(args)
@@ -122,7 +134,7 @@ impl Vmm {
         self.console
             .lock()
             .unwrap()
-            .matches("flatlet-guest: heartbeat")
+            .matches("flatlet-guest: heartbeat ")
             .count()
     }
 

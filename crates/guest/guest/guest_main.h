@@ -15,6 +15,7 @@ int option_is(const char *word, u32 len, const char *name);
 
 /* virtio.c */
 void virtio_run(void);
+void virtio_heartbeat(u64 n);
 
 /* options.c */
 void run_options(void);

@@ -4,6 +4,7 @@
  *   flatlet.crash=emul   execute lock cmpxchg16b, which nested hosts cannot emulate
  *   flatlet.crash=triple triple fault
  *   flatlet.stay         keep running: heartbeats, reset on Ctrl-Alt-Del
+ *   flatlet.beatio       with flatlet.stay: drive and NIC I/O on each heartbeat
  *   flatlet.flood        print to the console without end (a chatty guest,
  *                        for the tests of a console nobody reads)
  *   flatlet.syscall      execute `syscall` from ring 3 and report the ring

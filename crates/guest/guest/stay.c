@@ -82,7 +82,12 @@ void stay(void)
     lapic_write(LAPIC_LVT_TIMER, IRQ_VECTOR_BASE | TIMER_PERIODIC);
     lapic_write(LAPIC_TIMER_INIT, lapic_bus_khz() * 1000u);
     print("flatlet-guest: staying: heartbeat every second, Ctrl-Alt-Del resets\n");
+    u64 seen = 0;
     for (;;) {
+        if (heartbeats != seen) {
+            seen = heartbeats;
+            virtio_heartbeat(seen);
+        }
         if (vsock_active())
             vsock_step();
         else

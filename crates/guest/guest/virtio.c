@@ -9,6 +9,11 @@
  *        and prints the status the device returned.
  * net:   sends one UDP datagram from 10.0.2.15:7777 to 255.255.255.255:7777
  *        with the payload "hello from flatlet", and prints "net: ok".
+ *
+ * flatlet.beatio (with flatlet.stay): on each heartbeat, the drive that
+ * took the write reads sector 1 again and prints what it holds, and the
+ * interface sends the datagram again (so that a restored snapshot shows
+ * its queues working where the saved ones stopped).
  */
 #include "guest_main.h"
 
@@ -86,6 +91,8 @@ static u8 net_frame[12 + 60] = {0};
 static u8 rx_bufs[2][1526 + 12] = {};
 
 static u32 force_write = 0;
+static u32 beat_io = 0;
+static u64 blk_base = 0, net_base = 0;
 static u32 blk_done = 0, net_done = 0, rng_done = 0;
 static struct queue rng_q __attribute__((aligned(4096))) = {};
 static u8 rng_buf[16] = {0};
@@ -239,6 +246,7 @@ static void blk_test(u64 base)
         say_status("flush failed:", st);
         return;
     }
+    blk_base = base;
     say("blk: ok", NULL);
 }
 
@@ -310,6 +318,7 @@ static void net_test(u64 base)
         say("net: transmit timed out", NULL);
         return;
     }
+    net_base = base;
     say("net: ok", NULL);
 }
 
@@ -343,6 +352,37 @@ static void parse_flag(const char *w, u32 len)
 {
     if (option_is(w, len, "flatlet.blkwrite=force"))
         force_write = 1;
+    else if (option_is(w, len, "flatlet.beatio"))
+        beat_io = 1;
+}
+
+void virtio_heartbeat(u64 n)
+{
+    if (!beat_io)
+        return;
+    if (blk_base) {
+        u8 st = blk_request(blk_base, 0, 1, 1);
+        int same = st == 0 && memcmp(sector_buf, marker, sizeof(marker) - 1) == 0;
+        console_lock();
+        puts_raw("flatlet-guest: blk: heartbeat ");
+        put_dec(n);
+        puts_raw(same ? " read: " : " read failed, status ");
+        if (same)
+            puts_raw(marker);
+        else
+            put_dec(st);
+        puts_raw("\n");
+        console_unlock();
+    }
+    if (net_base) {
+        net_q[1].desc[0] = (struct desc){(u64)net_frame, sizeof(net_frame), 0, 0};
+        long sent = submit(net_base, 1, &net_q[1], 0);
+        console_lock();
+        puts_raw("flatlet-guest: net: heartbeat ");
+        put_dec(n);
+        puts_raw(sent < 0 ? " send timed out\n" : " sent\n");
+        console_unlock();
+    }
 }
 
 static void parse_device(const char *w, u32 len)

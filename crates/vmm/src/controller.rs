@@ -536,10 +536,19 @@ impl Controller {
         &mut self,
         p: &crate::snapshot::SnapshotLoadParams,
     ) -> Result<Response, ControllerError> {
-        use crate::snapshot::{format, memory, state::MicrovmState};
-        if self.config.boot.is_some() {
+        use crate::snapshot::{
+            format, memory,
+            state::{MicrovmState, SavedConfig},
+        };
+        let c = &self.config;
+        if c.boot.is_some()
+            || !c.drives.is_empty()
+            || !c.nets.is_empty()
+            || c.vsock.is_some()
+            || c.entropy.is_some()
+        {
             return Err(ControllerError::State(
-                "Loading a snapshot is not allowed after configuring the microVM (boot source set).",
+                "Loading a snapshot is not allowed after configuring the microVM (boot source or devices set).",
             ));
         }
         if let Some(what) = p.unsupported() {
@@ -552,7 +561,14 @@ impl Controller {
         state
             .validate()
             .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+        let cannot = |e: String| ControllerError::Io(format!("Cannot load the snapshot: {e}"));
+        let mut saved = SavedConfig::parse(&state.config).map_err(|e| cannot(e.to_string()))?;
+        saved
+            .override_networks(&p.network_overrides)
+            .map_err(|e| cannot(e.to_string()))?;
         let mut config = self.config.clone();
+        config.machine.huge_pages = saved.machine.huge_pages;
+        saved.apply(&mut config);
         config.machine.vcpu_count = state.machine.vcpu_count;
         config.machine.mem_size_mib = state.machine.mem_size_mib as usize;
         config.machine.smt = state.machine.smt;
@@ -566,15 +582,26 @@ impl Controller {
             serial_out: (self.serial_out)(),
             kick_signal: self.kick_signal,
             start: self.start,
-            restore: Some(vm::RestoreSource { state, memory }),
+            restore: Some(vm::RestoreSource {
+                state,
+                memory,
+                paused: !p.resume_vm,
+            }),
         };
         let vm = vm::build(&config, ctx)?;
+        if let Some(c) = &config.mmds {
+            mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+            mmds::attach(&vm, c, &self.mmds);
+        }
         self.config = config;
         info!("snapshot loaded in {} us", t.elapsed().as_micros());
-        self.state = State::Running(vm);
-        if !p.resume_vm {
-            self.pause()?;
-        }
+        // Without resume_vm the vCPUs were started paused: they have run
+        // no guest instruction.
+        self.state = if p.resume_vm {
+            State::Running(vm)
+        } else {
+            State::Paused(vm)
+        };
         Ok(Response::Empty)
     }
 
@@ -599,8 +626,10 @@ impl Controller {
             mem_size_mib: self.config.machine.mem_size_mib as u64,
             smt: self.config.machine.smt,
         };
+        let config = serde_json::to_string(&crate::snapshot::state::SavedConfig::of(&self.config))
+            .map_err(|e| ControllerError::Io(format!("Cannot create the snapshot: {e}")))?;
         let state = vm
-            .save_state(machine)
+            .save_state(machine, config)
             .map_err(|e| ControllerError::Io(format!("Cannot create the snapshot: {e}")))?;
         let bytes = format::encode(&state).map_err(|e| ControllerError::Io(e.to_string()))?;
         crate::snapshot::create_regular(&p.snapshot_path)

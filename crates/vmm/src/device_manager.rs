@@ -107,6 +107,8 @@ pub struct VirtioSlot {
     pub net: Option<Arc<Mutex<Net>>>,
     /// What the driver got wrong at the transport.
     pub mmio: Arc<MmioStats>,
+    /// The transport (for snapshots).
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 impl VirtioSlot {
@@ -240,7 +242,8 @@ pub fn attach(
             IrqLine::new(chip.controller.clone(), irq as usize),
         );
         let mmio_stats = transport.stats();
-        mmio.insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SIZE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
         cmdline.push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
         slots.push(VirtioSlot {
             id,
@@ -250,6 +253,7 @@ pub fn attach(
             block,
             net,
             mmio: mmio_stats,
+            transport,
         });
     }
     // Keep root= after the devices, as Firecracker does.

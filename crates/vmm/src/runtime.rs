@@ -147,10 +147,10 @@ impl Runtime {
         &self.controller
     }
 
-    /// Handles one request; a successful start hooks the VM's event
-    /// sources into the loop.
+    /// Handles one request; a successful start (a boot or a snapshot
+    /// load) hooks the VM's event sources into the loop.
     pub fn handle(&mut self, req: Request) -> Result<Response, ControllerError> {
-        let starting = req == Request::Start;
+        let starting = matches!(req, Request::Start | Request::LoadSnapshot(_));
         let result = self.controller.handle(req);
         if starting && result.is_ok() {
             self.watch_vm();

@@ -292,26 +292,45 @@ fn vcpu_thread(fd: VcpuFd, setup: VcpuSetup, ctx: VcpuContext) {
     let ok = configured.is_ok();
     let _ = ctx.events.send(VcpuEvent::Configured(index, configured));
     drop(setup);
-    if ok && wait_for_run(&ctx) {
-        run(index, &mut vcpu, &ctx);
+    if ok {
+        match wait_for_run(index, &ctx) {
+            // Paused before the first instruction (a snapshot loaded
+            // without resume_vm): wait there for Resume.
+            Some(true) if !handle_commands(index, vcpu.fd(), &ctx, true) => {}
+            Some(_) => run(index, &mut vcpu, &ctx),
+            None => {}
+        }
     }
     let _ = ctx.events.send(VcpuEvent::Stopped(index));
 }
 
-/// Waits for the first `Run`; false if told to stop instead.
-fn wait_for_run(ctx: &VcpuContext) -> bool {
+/// Waits for the first `Run`: Some(whether a `Pause` came before it and
+/// holds), None if told to stop instead.
+fn wait_for_run(index: u8, ctx: &VcpuContext) -> Option<bool> {
+    let mut paused = false;
     loop {
         match ctx.commands.recv() {
-            Ok(VcpuCommand::Run) => return true,
-            Ok(VcpuCommand::Stop) | Err(_) => return false,
-            Ok(_) => {}
+            Ok(VcpuCommand::Run) => return Some(paused),
+            Ok(VcpuCommand::Stop) | Err(_) => return None,
+            Ok(VcpuCommand::Pause) => {
+                paused = true;
+                let _ = ctx.events.send(VcpuEvent::Paused(index));
+            }
+            Ok(VcpuCommand::Resume) => {
+                paused = false;
+                let _ = ctx.events.send(VcpuEvent::Resumed(index));
+            }
+            Ok(VcpuCommand::Save { reply, .. }) => {
+                let _ = reply.send(Err(format!("vCPU {index} has not started")));
+            }
         }
     }
 }
 
-/// Handles pending commands after a kick; false when the thread must end.
-fn handle_commands(index: u8, fd: &VcpuFd, ctx: &VcpuContext) -> bool {
-    let mut paused = false;
+/// Handles pending commands after a kick (or, `paused`, from a pause
+/// until the resume); false when the thread must end.
+fn handle_commands(index: u8, fd: &VcpuFd, ctx: &VcpuContext, paused: bool) -> bool {
+    let mut paused = paused;
     loop {
         let cmd = if paused {
             ctx.commands.recv().ok()
@@ -374,7 +393,7 @@ fn run(index: u8, vcpu: &mut RunningVcpu, ctx: &VcpuContext) {
             Ok(exit) => dispatch(index, exit, &ctx.io),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd().set_kvm_immediate_exit(0);
-                if handle_commands(index, vcpu.fd(), ctx) {
+                if handle_commands(index, vcpu.fd(), ctx, false) {
                     Next::Continue
                 } else {
                     return;

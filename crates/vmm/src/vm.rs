@@ -33,7 +33,7 @@ use crate::irqchip::{self, IrqchipError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
-use crate::snapshot::state::{DeviceStates, MachineState, MicrovmState, SnapshotError};
+use crate::snapshot::state::{DeviceStates, MachineState, MicrovmState, SnapshotError, VirtioDeviceState};
 use crate::snapshot::vcpu::{VcpuState, saved_msr_indices};
 use crate::sys;
 use crate::vcpu::{MachineIo, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle, VcpuSetup};
@@ -147,6 +147,9 @@ pub struct RestoreSource {
     pub state: MicrovmState,
     /// The guest memory, mapped from the memory file.
     pub memory: GuestMemoryMmap,
+    /// Whether the vCPUs start paused (they run no guest instruction
+    /// until resumed).
+    pub paused: bool,
 }
 
 /// A running (or paused) VM.
@@ -262,6 +265,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_SIZE)?;
     }
     let virtio = device_manager::attach(config, &memory, &mut mmio, &chip)?;
+    if let Some(r) = &restore {
+        restore_virtio(&r.state.devices.virtio, &virtio.slots)?;
+    }
     let io = Arc::new(MachineIo {
         pio,
         mmio,
@@ -286,6 +292,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
             exit: &exit,
             kick_signal: ctx.kick_signal,
             entry,
+            paused: restore.as_ref().is_some_and(|r| r.paused),
             restore: restore.map(|r| r.state.vcpus),
         },
         &mut steps,
@@ -352,6 +359,31 @@ fn restore_devices(
     vm_fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
 }
 
+/// Sets each virtio transport (and so its device) to its saved state. The
+/// devices were made from the saved configuration, so they must be the
+/// saved ones, in the same places.
+fn restore_virtio(saved: &[VirtioDeviceState], slots: &[VirtioSlot]) -> Result<(), BuildError> {
+    if saved.len() != slots.len() {
+        return Err(BuildError::Restore(format!(
+            "the snapshot has {} virtio device states for {} configured devices",
+            saved.len(),
+            slots.len()
+        )));
+    }
+    for (s, slot) in saved.iter().zip(slots) {
+        if (s.id.as_str(), s.addr, s.irq) != (slot.id.as_str(), slot.addr, slot.irq) {
+            return Err(BuildError::Restore(format!(
+                "virtio device {:?} at {:#x} (pin {}) in the snapshot, {:?} at {:#x} (pin {}) configured",
+                s.id, s.addr, s.irq, slot.id, slot.addr, slot.irq
+            )));
+        }
+        lock(&slot.transport)
+            .restore(&s.transport)
+            .map_err(|e| BuildError::Restore(format!("virtio device {:?}: {e}", s.id)))?;
+    }
+    Ok(())
+}
+
 /// Loads the kernel, initrd and command line and writes the boot tables;
 /// returns the entry point and the command line.
 fn load_boot(
@@ -408,6 +440,8 @@ struct VcpuStart<'a> {
     entry: u64,
     /// When restoring: each vCPU's saved state, in index order.
     restore: Option<Vec<VcpuState>>,
+    /// Start paused.
+    paused: bool,
 }
 
 /// Creates the vCPUs, lets each thread configure its own in parallel, and
@@ -499,6 +533,9 @@ fn start_vcpus(
     }
     steps.mark("vCPU configuration");
     for h in &handles {
+        if s.paused {
+            h.command(VcpuCommand::Pause);
+        }
         h.command(VcpuCommand::Run);
     }
     Ok((handles, events_rx))
@@ -571,19 +608,14 @@ impl Vm {
         Ok(states)
     }
 
-    /// The state of a paused VM, for a snapshot. Only the split irqchip
-    /// and VMs without virtio devices are supported yet.
-    pub fn save_state(&self, machine: MachineState) -> Result<MicrovmState, SnapshotError> {
+    /// The state of a paused VM, for a snapshot (split irqchip only);
+    /// `config` is the devices' configuration, as JSON.
+    pub fn save_state(&self, machine: MachineState, config: String) -> Result<MicrovmState, SnapshotError> {
         let Some(ioapic) = &self.io.ioapic else {
             return Err(SnapshotError::Unsupported(
                 "snapshots need the split irqchip (flatlet's default); the in-kernel irqchip is not supported",
             ));
         };
-        if !self.virtio.is_empty() {
-            return Err(SnapshotError::Unsupported(
-                "snapshots of VMs with drives/NICs/vsock/entropy devices are not supported yet",
-            ));
-        }
         let vcpus = self.save_vcpus().map_err(SnapshotError::Save)?;
         let clock = self.save_clock().map_err(SnapshotError::Save)?;
         Ok(MicrovmState {
@@ -595,7 +627,18 @@ impl Vm {
                 serial: lock(&self.serial).state(),
                 i8042: lock(&self.i8042).state(),
                 boot_timer: lock(&self.boot_timer).state(),
+                virtio: self
+                    .virtio
+                    .iter()
+                    .map(|s| VirtioDeviceState {
+                        id: s.id.clone(),
+                        addr: s.addr,
+                        irq: s.irq,
+                        transport: lock(&s.transport).state(),
+                    })
+                    .collect(),
             },
+            config,
         })
     }
 

@@ -568,6 +568,10 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn config_generation(&self) -> u32 {
         self.generation
     }

@@ -10,10 +10,11 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt};
+use super::{Activation, F_VERSION_1, SavedQueue, VirtioDevice, VirtioInterrupt};
 use crate::bus::{BusDevice, lock};
 use crate::irq::IrqLine;
 use crate::ratelimit::LogLimiter;
@@ -96,6 +97,53 @@ impl MmioStats {
     }
 }
 
+/// A transport's registers and queues, as a snapshot saves them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// The device ID, checked on restore.
+    pub device_type: u32,
+    /// The status register.
+    pub status: u32,
+    /// Which half of the device features the driver reads.
+    pub device_features_sel: u32,
+    /// Which half of the driver features the driver writes.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The selected queue.
+    pub queue_sel: u32,
+    /// Interrupt status bits the driver has not acknowledged.
+    pub interrupt_status: u32,
+    /// Whether the device was active (DRIVER_OK accepted).
+    pub activated: bool,
+    /// Each queue: the driver's setup and, when active, the device's
+    /// positions in it.
+    pub queues: Vec<SavedQueue>,
+}
+
+/// Why a saved transport state cannot be restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransportRestoreError {
+    /// The state is of another kind of device.
+    #[error("saved device type {saved}, the device is type {actual}")]
+    DeviceType { saved: u32, actual: u32 },
+    /// The state has another number of queues.
+    #[error("{saved} saved queues, the device has {actual}")]
+    QueueCount { saved: usize, actual: usize },
+    /// A queue's saved setup is not one the device or virtio-queue takes.
+    #[error("queue {0}: saved setup is not valid")]
+    Queue(usize),
+    /// The driver features include ones the device does not offer.
+    #[error("saved driver features {0:#x} are not all offered")]
+    Features(u64),
+    /// An active device's status lacks FEATURES_OK or DRIVER_OK.
+    #[error("saved status {0:#x} is not that of an active device")]
+    Status(u32),
+    /// The device would not start from the saved queues.
+    #[error("the device cannot be started from the saved queues")]
+    Activate,
+}
+
 /// The transport of one device.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -160,6 +208,103 @@ impl MmioTransport {
     /// The device's status register, for tests and diagnostics.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The registers and queues, for a snapshot of a paused VM. An active
+    /// device's queues are saved where the device has got to in them
+    /// (the transport's own copies keep only the driver's setup).
+    pub fn state(&self) -> TransportState {
+        let device = lock(&self.device);
+        let live = if self.activated {
+            device.queue_states()
+        } else {
+            None
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let mut saved = q.state();
+                if let Some(l) = live.as_ref().and_then(|l| l.get(i)) {
+                    saved.next_avail = l.next_avail;
+                    saved.next_used = l.next_used;
+                    saved.event_idx_enabled = l.event_idx_enabled;
+                }
+                SavedQueue::from(saved)
+            })
+            .collect();
+        TransportState {
+            device_type: device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Sets a fresh transport to a saved state (untrusted: every part is
+    /// checked against the device), and starts the device if it was
+    /// active. On error the transport is left reset.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), TransportRestoreError> {
+        let result = self.try_restore(s);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn try_restore(&mut self, s: &TransportState) -> Result<(), TransportRestoreError> {
+        let (actual, max_sizes, offered) = {
+            let d = lock(&self.device);
+            (d.device_type(), d.queue_max_sizes().to_vec(), d.features())
+        };
+        if s.device_type != actual {
+            return Err(TransportRestoreError::DeviceType {
+                saved: s.device_type,
+                actual,
+            });
+        }
+        if s.queues.len() != max_sizes.len() {
+            return Err(TransportRestoreError::QueueCount {
+                saved: s.queues.len(),
+                actual: max_sizes.len(),
+            });
+        }
+        if s.driver_features & !offered != 0 {
+            return Err(TransportRestoreError::Features(s.driver_features));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (saved, max)) in s.queues.iter().zip(max_sizes).enumerate() {
+            if saved.max_size != max {
+                return Err(TransportRestoreError::Queue(i));
+            }
+            let q = Queue::try_from(QueueState::from(*saved)).map_err(|_| TransportRestoreError::Queue(i))?;
+            queues.push(q);
+        }
+        let active = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        if s.activated && s.status & active != active {
+            return Err(TransportRestoreError::Status(s.status));
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status.store(s.interrupt_status, Ordering::SeqCst);
+        self.queues = queues;
+        if s.activated {
+            self.activate();
+            if !self.activated {
+                return Err(TransportRestoreError::Activate);
+            }
+            lock(&self.device).restored();
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -514,6 +659,105 @@ mod tests {
         wr(t, REG_QUEUE_READY, 1);
         wr(t, REG_STATUS, s | STATUS_DRIVER_OK);
         rd(t, REG_STATUS)
+    }
+
+    /// Puts a flush request (header, status) in the queue `bring_up` set
+    /// up, as chain `n` (descriptors 2n and 2n+1).
+    fn add_flush(mem: &GuestMemoryMmap, n: u16) {
+        use vm_memory::{Address, Bytes};
+        let base = QUEUE_BASE[0];
+        let hdr = 0x10_0000 + u64::from(n) * 0x100;
+        mem.write_obj(4u32, GuestAddress(hdr)).unwrap();
+        let desc = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
+            let at = GuestAddress(base + u64::from(i) * 16);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            mem.write_obj(next, at.unchecked_add(14)).unwrap();
+        };
+        desc(2 * n, hdr, 16, 1, 2 * n + 1);
+        desc(2 * n + 1, hdr + 0x80, 1, 2, 0);
+        let avail = GuestAddress(base + 0x100);
+        mem.write_obj(2 * n, avail.unchecked_add(4 + 2 * u64::from(n)))
+            .unwrap();
+        mem.write_obj(n + 1, avail.unchecked_add(2)).unwrap();
+    }
+
+    #[test]
+    fn a_saved_transport_restores_with_the_devices_positions() {
+        let mut r = rig();
+        bring_up(&mut r.t, F_VERSION_1);
+        let mem = r.t.mem.clone();
+        for n in 0..3 {
+            add_flush(&mem, n);
+        }
+        assert_eq!(r.dev.lock().unwrap().process_queue(), 3);
+        r.t.interrupt_status.store(1, Ordering::SeqCst);
+        let saved = r.t.state();
+        assert!(saved.activated);
+        assert_eq!(saved.device_type, 2);
+        assert_eq!((saved.queues[0].next_avail, saved.queues[0].next_used), (3, 3));
+        assert_eq!(saved.queues[0].size, 16);
+
+        // A new device and transport (as after a restore) go on from there.
+        let mut back = rig();
+        back.t.mem = mem.clone();
+        back.t.restore(&saved).unwrap();
+        assert!(back.t.activated);
+        assert_eq!(back.t.state(), saved, "the state round-trips");
+        assert_eq!(rd(&mut back.t, REG_INTERRUPT_STATUS), 1);
+        let q = back.dev.lock().unwrap().queue_states().unwrap();
+        assert_eq!((q[0].next_avail, q[0].next_used), (3, 3));
+        add_flush(&mem, 3);
+        assert_eq!(
+            back.dev.lock().unwrap().process_queue(),
+            1,
+            "only the request made after the snapshot"
+        );
+    }
+
+    #[test]
+    fn a_bad_saved_transport_is_refused_and_left_reset() {
+        let mut r = rig();
+        bring_up(&mut r.t, F_VERSION_1);
+        let good = r.t.state();
+        type Spoil = fn(&mut TransportState);
+        let cases: [(Spoil, TransportRestoreError); 7] = [
+            (
+                |s| s.device_type = 1,
+                TransportRestoreError::DeviceType { saved: 1, actual: 2 },
+            ),
+            (
+                |s| s.queues.push(SavedQueue::default()),
+                TransportRestoreError::QueueCount { saved: 2, actual: 1 },
+            ),
+            (|s| s.queues[0].max_size = 1024, TransportRestoreError::Queue(0)),
+            (|s| s.queues[0].size = 3, TransportRestoreError::Queue(0)),
+            (
+                |s| s.queues[0].desc_table = 0x1001,
+                TransportRestoreError::Queue(0),
+            ),
+            (
+                |s| s.driver_features |= 1 << 60,
+                TransportRestoreError::Features(F_VERSION_1 | 1 << 60),
+            ),
+            (
+                |s| s.status &= !STATUS_DRIVER_OK,
+                TransportRestoreError::Status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK),
+            ),
+        ];
+        for (spoil, expected) in cases {
+            let mut bad = good.clone();
+            spoil(&mut bad);
+            let mut fresh = rig();
+            assert_eq!(fresh.t.restore(&bad), Err(expected));
+            assert_eq!(fresh.t.status(), 0);
+            assert!(fresh.dev.lock().unwrap().queue_states().is_none());
+        }
+        // Rings outside guest memory: the device is not started.
+        let mut bad = good.clone();
+        bad.queues[0].used_ring = 0x10_0000_0000;
+        assert_eq!(rig().t.restore(&bad), Err(TransportRestoreError::Activate));
     }
 
     #[test]

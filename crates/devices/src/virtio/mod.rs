@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use event_manager::MutEventSubscriber;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -90,6 +91,64 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+/// A queue as a snapshot saves it: virtio-queue's [`QueueState`] (which
+/// has no serde). Untrusted on restore: it becomes a [`Queue`] only through
+/// virtio-queue's checks, and the transport checks its maximum size
+/// against the device's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    /// The device's largest size.
+    pub max_size: u16,
+    /// The next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_RING_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// Whether the driver made it ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
 /// What a started single-queue device (block, rng) works with: guest
 /// memory, its one queue and its interrupt.
 pub(crate) struct SingleQueue {
@@ -134,6 +193,14 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns the device to its state before activation.
     fn reset(&mut self);
+    /// The queues of the active device as it has used them (where it has
+    /// got to in each), for a snapshot; None before activation.
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        None
+    }
+    /// Called once the device is active again after a snapshot was
+    /// restored (vsock tells the driver its connections are gone).
+    fn restored(&mut self) {}
     /// Changes each time the configuration space changes.
     fn config_generation(&self) -> u32 {
         0

@@ -531,6 +531,10 @@ impl VirtioDevice for Net {
         self.rx_len = 0;
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.rx.state(), a.tx.state()])
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = self.stats;
         let mut counters = vec![

@@ -75,6 +75,9 @@ pub struct SnapshotLoadParams {
     /// Deprecated name of `track_dirty_pages`.
     #[serde(default)]
     pub enable_diff_snapshots: bool,
+    /// Other TAPs for the snapshot's interfaces (a clone's own network).
+    #[serde(default)]
+    pub network_overrides: Vec<state::NetworkOverride>,
 }
 
 impl SnapshotLoadParams {

@@ -4,10 +4,15 @@ use flatlet_devices::boot_timer::BootTimerState;
 use flatlet_devices::i8042::I8042State;
 use flatlet_devices::ioapic::IoApicState;
 use flatlet_devices::serial::SerialDeviceState;
+use flatlet_devices::virtio::mmio::TransportState;
 use kvm_bindings::kvm_clock_data;
 use serde::{Deserialize, Serialize};
 
 use super::vcpu::VcpuState;
+use crate::config::devices::{DriveConfig, NetConfig, validate_count, validate_drives, validate_nets};
+use crate::config::rate_limit::EntropyConfig;
+use crate::config::vsock::VsockConfig;
+use crate::config::{ConfigError, MachineConfig, VmConfig};
 
 /// Errors taking a snapshot of a VM.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,22 @@ pub struct DeviceStates {
     pub i8042: I8042State,
     /// The boot timer.
     pub boot_timer: BootTimerState,
+    /// The virtio devices, in placement order.
+    pub virtio: Vec<VirtioDeviceState>,
+}
+
+/// One virtio device: where it was placed and its transport's state. The
+/// device itself is made again from the saved configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    /// The drive or interface id.
+    pub id: String,
+    /// Guest-physical base of its MMIO window.
+    pub addr: u64,
+    /// Its I/O APIC pin.
+    pub irq: u32,
+    /// Registers and queues.
+    pub transport: TransportState,
 }
 
 /// A microVM's state.
@@ -55,6 +76,112 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DeviceStates,
+    /// The devices' configuration (drives, network interfaces, vsock,
+    /// entropy, MMDS), as JSON: the configuration's own serde form, with
+    /// its own checks on restore.
+    pub config: String,
+}
+
+/// The configuration a restored VM's devices are made from: the
+/// configuration's own serde form, saved as JSON (see
+/// [`MicrovmState::config`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedConfig {
+    /// The machine (its shape is also in [`MachineState`]).
+    pub machine: MachineConfig,
+    /// Block devices.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// The entropy device.
+    #[serde(default)]
+    pub entropy: Option<EntropyConfig>,
+    /// MMDS.
+    #[serde(default)]
+    pub mmds: Option<flatlet_mmds::MmdsConfig>,
+    /// The vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// `network_overrides` of `PUT /snapshot/load`: another TAP for an
+/// interface of the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, by its id in the snapshot.
+    pub iface_id: String,
+    /// The TAP the restored interface uses.
+    pub host_dev_name: String,
+}
+
+impl SavedConfig {
+    /// What a VM built from `config` saves.
+    pub fn of(config: &VmConfig) -> Self {
+        Self {
+            machine: config.machine.clone(),
+            drives: config.drives.clone(),
+            nets: config.nets.clone(),
+            entropy: config.entropy.clone(),
+            mmds: config.mmds.clone(),
+            vsock: config.vsock.clone(),
+        }
+    }
+
+    /// Parses the saved JSON and checks it as a configuration is checked
+    /// (the file is untrusted).
+    pub fn parse(json: &str) -> Result<Self, ConfigError> {
+        let saved: Self = serde_json::from_str(json)
+            .map_err(|e| ConfigError::InvalidDevice(format!("snapshot state: device configuration: {e}")))?;
+        validate_count(saved.drives.len(), saved.nets.len())?;
+        for d in &saved.drives {
+            d.validate()?;
+        }
+        validate_drives(&saved.drives)?;
+        for n in &saved.nets {
+            n.validate()?;
+        }
+        validate_nets(&saved.nets)?;
+        if let Some(e) = &saved.entropy {
+            e.validate()?;
+        }
+        if let Some(v) = &saved.vsock {
+            v.validate()?;
+        }
+        if let Some(m) = &saved.mmds {
+            m.validate(saved.nets.iter().map(|n| n.iface_id.as_str()))
+                .map_err(|e| ConfigError::InvalidDevice(format!("snapshot state: MMDS: {e}")))?;
+        }
+        Ok(saved)
+    }
+
+    /// Points interfaces at other TAPs; an override of an interface the
+    /// snapshot does not have is an error.
+    pub fn override_networks(&mut self, overrides: &[NetworkOverride]) -> Result<(), ConfigError> {
+        for o in overrides {
+            let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == o.iface_id) else {
+                return Err(ConfigError::InvalidDevice(format!(
+                    "network override for {:?}: the snapshot has no such interface",
+                    o.iface_id
+                )));
+            };
+            n.host_dev_name = o.host_dev_name.clone();
+            n.validate()?;
+        }
+        validate_nets(&self.nets)
+    }
+
+    /// Sets the devices of `config` (a fresh one) to the saved ones.
+    pub fn apply(self, config: &mut VmConfig) {
+        config.drives = self.drives;
+        config.nets = self.nets;
+        config.entropy = self.entropy;
+        config.mmds = self.mmds;
+        config.vsock = self.vsock;
+    }
 }
 
 impl MicrovmState {
@@ -134,7 +261,9 @@ mod tests {
                     buffer: vec![],
                 },
                 boot_timer: BootTimerState::default(),
+                virtio: vec![],
             },
+            config: "{}".into(),
         }
     }
 

@@ -29,7 +29,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::pop_head;
+use super::chain::{Layout, descriptors, pop_head, scatter, total};
 use super::{ActivateError, Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt, read_config_bytes};
 use crate::ratelimit::LogLimiter;
 use muxer::Muxer;
@@ -47,6 +47,8 @@ pub const MIN_GUEST_CID: u64 = 3;
 const RX: usize = 0;
 const TX: usize = 1;
 const EV: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the event's id (a le32).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// How often deadlines are checked while there are any.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -194,6 +196,50 @@ impl Vsock {
         done
     }
 
+    /// Tells the driver that every connection is gone (a snapshot was
+    /// restored: the host side of each is in another process): one
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, as the
+    /// virtio spec (5.10.6.7) describes. Returns whether it was delivered;
+    /// a driver that gave no event buffer does not get it.
+    pub fn transport_reset(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let head = match pop_head(&mut a.queues[EV], &a.mem) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                self.log
+                    .warn(format_args!("no event buffer for the transport reset"));
+                return false;
+            }
+            Err(e) => {
+                self.muxer.stats.invalid_avail_idx += 1;
+                self.log.warn(format_args!("event queue ignored: {e}"));
+                return false;
+            }
+        };
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = descriptors(&a.mem, &a.queues[EV], head)
+            .and_then(|d| Layout::of(&a.mem, &d))
+            .ok()
+            .filter(|l| l.readable.is_empty() && total(&l.writable) >= event.len())
+            .is_some_and(|l| scatter(&a.mem, &l.writable, &event).is_ok());
+        if !written {
+            self.muxer.stats.invalid_chains += 1;
+            self.log.warn(format_args!(
+                "event buffer {head} cannot take the transport reset"
+            ));
+        }
+        let len = if written { event.len() as u32 } else { 0 };
+        if let Err(e) = a.queues[EV].add_used(&a.mem, head, len) {
+            self.log
+                .warn(format_args!("cannot return event descriptor {head}: {e}"));
+            return false;
+        }
+        notify(a, EV);
+        written
+    }
+
     fn sync_timer(&mut self) {
         let want = self.muxer.has_deadlines();
         if want == self.timer_armed {
@@ -297,6 +343,16 @@ impl VirtioDevice for Vsock {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.muxer.stats.named()
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn restored(&mut self) {
+        self.transport_reset();
     }
 }
 
