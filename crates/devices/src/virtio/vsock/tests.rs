@@ -769,3 +769,26 @@ fn bind_does_not_clobber() {
     bind(&s).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_restore_tells_the_driver_its_connections_are_gone() {
+    let mut r = rig();
+    // No event buffer yet: nothing to deliver it in.
+    assert!(!r.dev.transport_reset());
+    let ev = &r.q[EV];
+    let at = RX_DATA + 0x10_0000;
+    r.mem.write_obj(0xffff_ffffu32, GuestAddress(at)).unwrap();
+    add_chain(r.mem, ev, 0, &[(at, 8, true)]);
+    // A device-readable event buffer is refused, and returned empty.
+    add_chain(r.mem, ev, 1, &[(at + 0x100, 8, false)]);
+    assert!(r.dev.transport_reset());
+    assert_eq!(r.mem.read_obj::<u32>(GuestAddress(at)).unwrap(), 0, "TRANSPORT_RESET");
+    let used_idx: u16 = r.mem.read_obj(GuestAddress(ev.used + 2)).unwrap();
+    let used_len: u32 = r.mem.read_obj(GuestAddress(ev.used + 8)).unwrap();
+    assert_eq!((used_idx, used_len), (1, 4));
+    assert!(!r.dev.transport_reset());
+    let used_idx: u16 = r.mem.read_obj(GuestAddress(ev.used + 2)).unwrap();
+    let used_len: u32 = r.mem.read_obj(GuestAddress(ev.used + 16)).unwrap();
+    assert_eq!((used_idx, used_len), (2, 0));
+    assert_eq!(r.dev.stats().invalid_chains, 1);
+}
