@@ -248,4 +248,25 @@ pub struct RunArgs {
     /// configuration (config file, API). Default: split.
     #[arg(long, value_name = "MODE")]
     pub irqchip: Option<IrqchipMode>,
+
+    /// Restore a snapshot instead of booting: its state file (from `PUT
+    /// /snapshot/create`). Needs --mem; the machine and its devices come
+    /// from the snapshot, so the options that describe a VM do not apply.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "mem",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "drives", "nets", "vsock", "config_file", "irqchip"]
+    )]
+    pub snapshot: Option<PathBuf>,
+
+    /// The snapshot's memory file (mapped privately: the file is not
+    /// changed, and several VMs can restore from it at once).
+    #[arg(long, value_name = "PATH", requires = "snapshot")]
+    pub mem: Option<PathBuf>,
+
+    /// With --snapshot: another TAP for one of the snapshot's network
+    /// interfaces, `IFACE_ID=TAP`. Repeatable.
+    #[arg(long = "net-override", value_name = "IFACE_ID=TAP", requires = "snapshot")]
+    pub net_overrides: Vec<String>,
 }

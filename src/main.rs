@@ -20,6 +20,8 @@ use flatlet_vmm::host::HostKind;
 use flatlet_vmm::logger::LoggerConfig;
 use flatlet_vmm::metrics::{MetricsConfig, Startup};
 use flatlet_vmm::runtime::{ConsoleInput, Runtime};
+use flatlet_vmm::snapshot::state::NetworkOverride;
+use flatlet_vmm::snapshot::{MemBackend, MemBackendType, SnapshotLoadParams};
 use log::{debug, error, info};
 
 use cli::{Cli, Command, CommonArgs, FirecrackerArgs, RunArgs};
@@ -175,6 +177,9 @@ impl RunArgs {
             vsock: None,
             config_file: Some(path.to_path_buf()),
             irqchip: None,
+            snapshot: None,
+            mem: None,
+            net_overrides: Vec::new(),
         }
     }
 }
@@ -190,8 +195,45 @@ fn guest_image(out: &Path) -> Result<i32, Failure> {
     Ok(0)
 }
 
+/// `--snapshot STATE --mem FILE [--net-override ID=TAP]...`: the load
+/// request, resuming the VM at once.
+fn snapshot_request(state: &Path, args: &RunArgs) -> Result<Request, Failure> {
+    let mem = args
+        .mem
+        .clone()
+        .ok_or_else(|| Failure::new(EXIT_BAD_CONFIG, "--snapshot needs --mem"))?;
+    let mut network_overrides = Vec::new();
+    for spec in &args.net_overrides {
+        let Some((iface_id, tap)) = spec.split_once('=') else {
+            return Err(Failure::new(
+                EXIT_BAD_CONFIG,
+                format!("--net-override {spec:?}: expected IFACE_ID=TAP"),
+            ));
+        };
+        network_overrides.push(NetworkOverride {
+            iface_id: iface_id.to_string(),
+            host_dev_name: tap.to_string(),
+        });
+    }
+    Ok(Request::LoadSnapshot(SnapshotLoadParams {
+        snapshot_path: state.to_path_buf(),
+        mem_backend: Some(MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: mem,
+        }),
+        mem_file_path: None,
+        resume_vm: true,
+        track_dirty_pages: false,
+        enable_diff_snapshots: false,
+        network_overrides,
+    }))
+}
+
 /// The requests that configure and start the VM `args` describe.
 fn run_requests(args: &RunArgs) -> Result<Vec<Request>, Failure> {
+    if let Some(state) = &args.snapshot {
+        return Ok(vec![snapshot_request(state, args)?]);
+    }
     let mut machine = MachineConfig::default();
     let mut drives = Vec::new();
     let mut nets = Vec::new();

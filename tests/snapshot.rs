@@ -343,3 +343,71 @@ fn bad_snapshot_files_are_refused_cleanly() {
     let info: serde_json::Value = serde_json::from_str(&vmm.ok("GET", "/", None).body).unwrap();
     assert_eq!(info["state"], "Not started");
 }
+
+#[test]
+fn flatlet_run_restores_a_snapshot_from_the_command_line() {
+    if !kvm_or_skip("flatlet_run_restores_a_snapshot_from_the_command_line") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-cli-src");
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flatlet"))
+        .arg("run")
+        .arg("--snapshot")
+        .arg(&state)
+        .arg("--mem")
+        .arg(&mem)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = common::vmm::collect(child.stdout.take().unwrap());
+    let log = common::vmm::collect(child.stderr.take().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !console.lock().unwrap().contains("flatlet-guest: heartbeat 3") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat 3 on the console: {}\nlog: {}",
+            console.lock().unwrap(),
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(!console.lock().unwrap().contains("heartbeat 1"));
+
+    // A bad state file, or options that describe another VM, are refused.
+    let bad = state.with_file_name("bad.state");
+    std::fs::write(&bad, b"FLATSNAP").unwrap();
+    let mut cmd = common::flatlet();
+    cmd.arg("run").arg("--snapshot").arg(&bad).arg("--mem").arg(&mem);
+    let out = common::run(cmd, Duration::from_secs(10));
+    out.check(out.code() == Some(2), "exit 2 for a truncated state file");
+    out.check(out.stderr.contains("truncated"), "says why");
+    let mut cmd = common::flatlet();
+    cmd.arg("run")
+        .arg("--snapshot")
+        .arg(&state)
+        .arg("--mem")
+        .arg(&mem);
+    cmd.args(["--vcpus", "2"]);
+    let out = common::run(cmd, Duration::from_secs(10));
+    out.check(out.code() == Some(2), "exit 2 for --vcpus with --snapshot");
+}

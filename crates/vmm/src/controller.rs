@@ -174,6 +174,9 @@ pub enum ControllerError {
     /// An invalid MMDS configuration.
     #[error(transparent)]
     MmdsConfig(#[from] MmdsConfigError),
+    /// A snapshot's files cannot be loaded (bad input: exit 2, 400).
+    #[error("Cannot load the snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl ControllerError {
@@ -183,7 +186,8 @@ impl ControllerError {
             ControllerError::Config(_)
             | ControllerError::State(_)
             | ControllerError::Mmds(_)
-            | ControllerError::MmdsConfig(_) => EXIT_BAD_CONFIG,
+            | ControllerError::MmdsConfig(_)
+            | ControllerError::Snapshot(_) => EXIT_BAD_CONFIG,
             ControllerError::Build(e) => e.exit_code(),
             ControllerError::Vcpu(_) | ControllerError::Io(_) => EXIT_ERROR,
         }
@@ -556,16 +560,16 @@ impl Controller {
         }
         let mem_path = p.mem_path().map_err(ControllerError::State)?;
         let t = std::time::Instant::now();
-        let state: MicrovmState = format::read(&p.snapshot_path)
-            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+        let state: MicrovmState =
+            format::read(&p.snapshot_path).map_err(|e| ControllerError::Snapshot(e.to_string()))?;
         state
             .validate()
-            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
-        let cannot = |e: String| ControllerError::Io(format!("Cannot load the snapshot: {e}"));
-        let mut saved = SavedConfig::parse(&state.config).map_err(|e| cannot(e.to_string()))?;
+            .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
+        let mut saved =
+            SavedConfig::parse(&state.config).map_err(|e| ControllerError::Snapshot(e.to_string()))?;
         saved
             .override_networks(&p.network_overrides)
-            .map_err(|e| cannot(e.to_string()))?;
+            .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
         let mut config = self.config.clone();
         config.machine.huge_pages = saved.machine.huge_pages;
         saved.apply(&mut config);
@@ -576,7 +580,7 @@ impl Controller {
         // The file's machine within this host's limits, as a configured one.
         config.machine.validate(&self.limits)?;
         let memory = memory::map_private(mem_path, state.machine.mem_size_mib)
-            .map_err(|e| ControllerError::Io(format!("Cannot load the snapshot: {e}")))?;
+            .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
         let ctx = BuildContext {
             host: self.host,
             serial_out: (self.serial_out)(),

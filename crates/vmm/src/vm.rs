@@ -111,6 +111,7 @@ impl BuildError {
             | BuildError::VcpuConfig { .. } => EXIT_KVM,
             BuildError::TooManyVcpus { .. }
             | BuildError::Config(_)
+            | BuildError::Restore(_)
             | BuildError::Loader(_)
             | BuildError::Device(DeviceError::DriveOpen { .. } | DeviceError::Tap { .. }) => EXIT_BAD_CONFIG,
             _ => EXIT_ERROR,
