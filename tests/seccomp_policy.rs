@@ -464,19 +464,41 @@ fn stop_traced(log: &Path, mut child: std::process::Child) -> String {
     std::fs::read_to_string(log).unwrap()
 }
 
-/// A snapshot of a paused guest, and its load (and run) in a new flatlet.
+/// A snapshot of a paused guest with a drive, an entropy device and a
+/// vsock device, and its load (and run) in a new flatlet.
 fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
     let state = dir.path("snap.state");
     let mem = dir.path("snap.mem");
     let src_sock = dir.path("snapsrc.sock");
     let src_log = dir.path("snapsrc.log");
+    let drive = dir.path("snap.img");
+    std::fs::write(&drive, vec![0u8; 1 << 20]).unwrap();
     let child = traced_api(&src_log, &src_sock);
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/drives/d",
+        &format!(
+            r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            drive.display()
+        ),
+    );
+    flatlet_api(&src_sock, "PUT", "/entropy", "{}");
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/vsock",
+        &format!(
+            r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+            dir.path("snap.vsock").display()
+        ),
+    );
     flatlet_api(
         &src_sock,
         "PUT",
         "/boot-source",
         &format!(
-            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 flatlet.stay"}}"#,
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 flatlet.stay flatlet.beatio"}}"#,
             guest.display()
         ),
     );
