@@ -27,19 +27,36 @@ fn stop(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// Spawns flatlet with an API socket and times it to its first answer.
-fn time_to_first_answer(flatlet: &Path, sock: &Path) -> Result<f64, String> {
+/// The command line that serves the API of `vmm` (flatlet, or another
+/// VMM with Firecracker's flags) on `sock`, logging only errors.
+pub fn api_argv(vmm: &Path, sock: &Path, extra: &[&str]) -> Vec<String> {
+    let mut argv = vec![
+        vmm.display().to_string(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--level".into(),
+        "Error".into(),
+    ];
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    argv
+}
+
+/// Spawns `argv` (which serves the API on `sock`) and times it to its
+/// first answered `GET /`. The same harness for every VMM: spawn, then
+/// connect and ask every 50 µs until a 200 comes back.
+pub fn time_to_first_answer(argv: &[String], sock: &Path) -> Result<f64, String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("empty command".into());
+    };
     let _ = std::fs::remove_file(sock);
     let start = Instant::now();
-    let mut child = Command::new(flatlet)
-        .arg("--api-sock")
-        .arg(sock)
-        .args(["--log-level", "error"])
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", flatlet.display()))?;
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     let deadline = start + Duration::from_secs(10);
     let elapsed = loop {
         if let Ok(mut c) = Client::connect(sock) {
@@ -56,7 +73,35 @@ fn time_to_first_answer(flatlet: &Path, sock: &Path) -> Result<f64, String> {
         std::thread::sleep(Duration::from_micros(50));
     };
     stop(&mut child);
+    let _ = std::fs::remove_file(sock);
     Ok(elapsed.as_secs_f64() * 1e6)
+}
+
+/// Times each command line to its first answer, `runs` times, interleaved
+/// (A B A B ...); `argv(i, sock)` gives contender `i`'s command line.
+pub fn first_answers_interleaved(
+    contenders: usize,
+    runs: usize,
+    argv: &dyn Fn(usize, &Path) -> Vec<String>,
+) -> Result<Vec<Vec<f64>>, String> {
+    let dir = std::env::temp_dir().join(format!("flatlet-bench-api1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut out = vec![Vec::with_capacity(runs); contenders];
+    let mut result = Ok(());
+    'runs: for _ in 0..runs {
+        for (i, times) in out.iter_mut().enumerate() {
+            let sock = dir.join(format!("api{i}.sock"));
+            match time_to_first_answer(&argv(i, &sock), &sock) {
+                Ok(us) => times.push(us),
+                Err(e) => {
+                    result = Err(e);
+                    break 'runs;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| out)
 }
 
 /// Runs the API benchmark.
@@ -66,7 +111,7 @@ pub fn run(flatlet: &Path, launches: usize, requests: usize) -> Result<ApiFigure
     let sock = dir.join("api.sock");
     let mut first_answer_us = Vec::new();
     for _ in 0..launches {
-        first_answer_us.push(time_to_first_answer(flatlet, &sock)?);
+        first_answer_us.push(time_to_first_answer(&api_argv(flatlet, &sock, &[]), &sock)?);
     }
     // Request latency on one long-lived instance.
     let _ = std::fs::remove_file(&sock);

@@ -36,6 +36,18 @@ pub struct Contender {
 }
 
 impl Contender {
+    /// A contender that is installed and needs no clean-up.
+    pub fn plain(name: &str, argv: Vec<String>, ready: &str) -> Self {
+        Self {
+            name: name.into(),
+            what: String::new(),
+            argv,
+            ready: ready.into(),
+            cleanup: None,
+            missing: None,
+        }
+    }
+
     fn argv_for(&self, n: u64) -> Vec<String> {
         subst(&self.argv, n)
     }
@@ -80,6 +92,8 @@ pub struct Setup {
     pub jail_dir: PathBuf,
     /// A Linux kernel and root file system, for the real-host contender.
     pub linux: Option<(PathBuf, PathBuf)>,
+    /// Firecracker's command line booting flatlet's test guest, if given.
+    pub firecracker: Option<Vec<String>>,
 }
 
 /// Every contender, those that cannot run here marked missing.
@@ -189,6 +203,18 @@ pub fn contenders(setup: &Setup) -> Vec<Contender> {
             missing: (!setup.flatlet.exists()).then(|| format!("{fl} not found")),
         },
     ];
+    if let Some(argv) = &setup.firecracker {
+        list.push(Contender {
+            name: "firecracker".into(),
+            what: "Firecracker (--no-seccomp --boot-timer) booting the same test guest \
+                   (ready: the guest's boot-timer write)"
+                .into(),
+            argv: argv.clone(),
+            ready: "line:Guest-boot-time".into(),
+            cleanup: None,
+            missing: None,
+        });
+    }
     let jail_dir = setup.jail_dir.display().to_string();
     let jailer = setup.jailer.display().to_string();
     let not_root = (!nix::unistd::geteuid().is_root()).then(|| "the jailer needs root".to_string());

@@ -7,6 +7,7 @@ mod devices;
 mod probe;
 mod report;
 mod stats;
+mod versus;
 mod vsock;
 
 use std::path::PathBuf;
@@ -55,6 +56,12 @@ enum Cmd {
         /// The flatlet binary (default: the one next to flatlet-bench).
         #[arg(long)]
         flatlet: Option<PathBuf>,
+        /// A Firecracker binary to run side by side (the same guest, and a
+        /// plain process as the floor, interleaved), then spawn to first
+        /// `GET /` and 16 launches at once of both: ratios flatlet /
+        /// Firecracker against issue 16's targets.
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
     },
     /// microVM launch against container start: flatlet (test guest, and
     /// under the jailer), runc, crun, bwrap, unshare+chroot and a plain
@@ -90,6 +97,14 @@ enum Cmd {
         /// The flatlet binary (default: the one next to flatlet-bench).
         #[arg(long)]
         flatlet: Option<PathBuf>,
+        /// A Firecracker binary: a contender booting the same guest, plus
+        /// spawn to first `GET /` of both and ratios flatlet / Firecracker.
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
+        /// Only these contenders (comma-separated names, e.g.
+        /// process,flatlet,firecracker).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
     },
     /// Throughput of the virtio device models without a guest, against the
     /// plain system calls they wrap (virtio-blk vs pread/pwrite on tmpfs,
@@ -191,6 +206,8 @@ fn main() -> ExitCode {
             kernel,
             rootfs,
             flatlet,
+            firecracker,
+            only,
         } => {
             let plan = compare::Plan {
                 runs: runs.unwrap_or(if quick { 5 } else { 20 }),
@@ -205,7 +222,14 @@ fn main() -> ExitCode {
                 sweep_rounds: sweep_rounds.unwrap_or(if quick { 1 } else { 3 }),
                 timeout: Duration::from_secs(120),
             };
-            match run_compare(&plan, &out, bundle, kernel.zip(rootfs), flatlet) {
+            let opts = CompareOptions {
+                bundle,
+                linux: kernel.zip(rootfs),
+                flatlet,
+                firecracker,
+                only,
+            };
+            match run_compare(&plan, &out, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("flatlet-bench: {e}");
@@ -265,7 +289,19 @@ fn main() -> ExitCode {
             devices,
             tap,
             flatlet,
-        } => match boot(runs, warmup, vcpus, &irqchip, &devices, tap.as_deref(), flatlet) {
+            firecracker,
+        } => match boot(
+            BootPlan {
+                runs,
+                warmup,
+                vcpus,
+                irqchip,
+                devices,
+                tap,
+            },
+            flatlet,
+            firecracker,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("flatlet-bench: {e}");
@@ -318,20 +354,36 @@ fn fmt_kib(kib: Option<Summary>) -> String {
         .unwrap_or_else(|| format!("{:>7}", "-"))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn boot(
+/// What `flatlet-bench boot` launches.
+struct BootPlan {
     runs: usize,
     warmup: usize,
     vcpus: u32,
-    irqchip: &[String],
-    devices: &[String],
-    tap: Option<&str>,
-    flatlet: Option<PathBuf>,
-) -> Result<(), String> {
+    irqchip: Vec<String>,
+    devices: Vec<String>,
+    tap: Option<String>,
+}
+
+/// The floor: a plain process, measured by the same probe.
+const FLOOR: &str = "process (/bin/true)";
+
+fn boot(plan: BootPlan, flatlet: Option<PathBuf>, firecracker: Option<PathBuf>) -> Result<(), String> {
+    let BootPlan {
+        runs,
+        warmup,
+        vcpus,
+        ref irqchip,
+        ref devices,
+        ref tap,
+    } = plan;
+    let tap = tap.as_deref();
     let flatlet = match flatlet {
         Some(p) => p,
         None => sibling("flatlet")?,
     };
+    let fc = firecracker
+        .map(|p| versus::Firecracker::prepare(&p, &flatlet, vcpus))
+        .transpose()?;
     let image = std::env::temp_dir().join(format!("flatlet-bench-{}.img", std::process::id()));
     std::fs::write(&image, vec![0u8; 64 * 1024]).map_err(|e| e.to_string())?;
     let mut contenders = Vec::new();
@@ -365,6 +417,18 @@ fn boot(
                 ready: "line:Guest-boot-time".into(),
             });
         }
+    }
+    if let Some(fc) = &fc {
+        contenders.push(Contender {
+            name: "firecracker".into(),
+            argv: fc.launch_argv(),
+            ready: "line:Guest-boot-time".into(),
+        });
+        contenders.push(Contender {
+            name: FLOOR.into(),
+            argv: vec!["/bin/true".into()],
+            ready: "exit".into(),
+        });
     }
     eprintln!(
         "flatlet-bench: {runs} launches of the test guest ({vcpus} vCPU) per variant, after {warmup} warm-up rounds"
@@ -402,7 +466,93 @@ fn boot(
             fmt_ms(pick(&|m| Some(m.cpu_us))),
         );
     }
+    if let Some(fc) = &fc {
+        // The first variant (the default: split irqchip, no devices)
+        // against Firecracker.
+        let fc_at = contenders.len() - 2;
+        versus_boot(
+            fc,
+            &contenders[0],
+            &samples[0],
+            &samples[fc_at],
+            &samples[fc_at + 1],
+            runs,
+        )?;
+    }
     Ok(())
+}
+
+/// `boot --firecracker`: spawn to first `GET /` and 16 launches at once,
+/// interleaved, then the ratio table.
+fn versus_boot(
+    fc: &versus::Firecracker,
+    flatlet: &Contender,
+    flatlet_launches: &[Measurement],
+    fc_launches: &[Measurement],
+    floor: &[Measurement],
+    runs: usize,
+) -> Result<(), String> {
+    let (mut ours, mut theirs) = (versus::Side::default(), versus::Side::default());
+    ours.add_launches(flatlet_launches);
+    theirs.add_launches(fc_launches);
+    let flatlet_bin = PathBuf::from(&flatlet.argv[0]);
+    eprintln!("flatlet-bench: spawn to first GET / of flatlet and Firecracker, {runs} each, interleaved");
+    let api = api::first_answers_interleaved(2, runs, &|i, sock| match i {
+        0 => api::api_argv(&flatlet_bin, sock, &[]),
+        _ => fc.api_argv(sock),
+    })?;
+    ours.api_us = api[0].clone();
+    theirs.api_us = api[1].clone();
+    let pair = [
+        compare::Contender::plain("flatlet", flatlet.argv.clone(), "exit"),
+        compare::Contender::plain("firecracker", fc.launch_argv(), "exit"),
+    ];
+    let plan = compare::Plan {
+        runs: 0,
+        warmup: 0,
+        sweep: vec![16],
+        sweep_rounds: 3,
+        timeout: Duration::from_secs(120),
+    };
+    eprintln!("flatlet-bench: 16 launches at once of each, 3 rounds, interleaved");
+    let (points, errors) = compare::sweep(&pair, &plan);
+    for e in &errors {
+        eprintln!("flatlet-bench: sweep: {e}");
+    }
+    for p in points {
+        match p.contender.as_str() {
+            "flatlet" => ours.lps16 = p.launches_per_sec,
+            _ => theirs.lps16 = p.launches_per_sec,
+        }
+    }
+    let floor_rss = Summary::of(&floor.iter().map(|m| m.max_rss_kib as f64).collect::<Vec<_>>());
+    print!("{}", versus::table(&ours, &theirs, floor_rss.map(|s| s.median)));
+    Ok(())
+}
+
+/// `compare --firecracker`: the ratio table from the launches, the sweep's
+/// 16-at-once point and the API phase.
+fn versus_compare(samples: &[compare::Sample], sweep: &[compare::SweepPoint], api: Vec<Vec<f64>>) -> String {
+    let side = |name: &str, api_us: Vec<f64>| {
+        let mut side = versus::Side::default();
+        side.add_launches(samples.iter().filter(|s| s.contender == name).map(|s| &s.m));
+        side.api_us = api_us;
+        side.lps16 = sweep
+            .iter()
+            .find(|p| p.contender == name && p.concurrency == 16)
+            .map(|p| p.launches_per_sec.clone())
+            .unwrap_or_default();
+        side
+    };
+    let mut api = api.into_iter();
+    let ours = side("flatlet", api.next().unwrap_or_default());
+    let theirs = side("firecracker", api.next().unwrap_or_default());
+    let floor: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.contender == "process" && s.m.error.is_none())
+        .map(|s| s.m.max_rss_kib as f64)
+        .collect();
+    versus::table(&ours, &theirs, Summary::of(&floor).map(|s| s.median))
 }
 
 fn device_table(blk_mib: u64, frames: usize, dir: &str, rounds: usize) {
@@ -446,27 +596,41 @@ fn device_table(blk_mib: u64, frames: usize, dir: &str, rounds: usize) {
     }
 }
 
-fn run_compare(
-    plan: &compare::Plan,
-    out: &std::path::Path,
+/// What `flatlet-bench compare` runs, besides its plan.
+struct CompareOptions {
     bundle: PathBuf,
     linux: Option<(PathBuf, PathBuf)>,
     flatlet: Option<PathBuf>,
-) -> Result<(), String> {
-    let flatlet = match flatlet {
+    firecracker: Option<PathBuf>,
+    only: Option<Vec<String>>,
+}
+
+fn run_compare(plan: &compare::Plan, out: &std::path::Path, opts: CompareOptions) -> Result<(), String> {
+    let flatlet = match opts.flatlet {
         Some(p) => p,
         None => sibling("flatlet")?,
     };
+    let fc = opts
+        .firecracker
+        .map(|p| versus::Firecracker::prepare(&p, &flatlet, 1))
+        .transpose()?;
     let jailer = flatlet.with_file_name("flatlet-jailer");
     let jail_dir = std::env::temp_dir().join(format!("flatlet-bench-jails-{}", std::process::id()));
     let setup = compare::Setup {
-        flatlet,
+        flatlet: flatlet.clone(),
         jailer,
-        bundle,
+        bundle: opts.bundle,
         jail_dir: jail_dir.clone(),
-        linux,
+        linux: opts.linux,
+        firecracker: fc.as_ref().map(versus::Firecracker::launch_argv),
     };
-    let contenders = compare::contenders(&setup);
+    let mut contenders = compare::contenders(&setup);
+    if let Some(only) = &opts.only {
+        if let Some(name) = only.iter().find(|n| !contenders.iter().any(|c| &c.name == *n)) {
+            return Err(format!("--only: no contender {name:?}"));
+        }
+        contenders.retain(|c| only.contains(&c.name));
+    }
     let machine = report::Machine::probe();
     eprint!("{}", machine.describe());
     eprintln!(
@@ -479,9 +643,29 @@ fn run_compare(
     for e in &errors {
         eprintln!("flatlet-bench: sweep: {e}");
     }
+    let api = match &fc {
+        Some(fc) => {
+            eprintln!(
+                "flatlet-bench: spawn to first GET / of flatlet and Firecracker, {} each, interleaved",
+                plan.runs
+            );
+            Some(api::first_answers_interleaved(
+                2,
+                plan.runs,
+                &|i, sock| match i {
+                    0 => api::api_argv(&flatlet, sock, &[]),
+                    _ => fc.api_argv(sock),
+                },
+            )?)
+        }
+        None => None,
+    };
     let rows = report::rows(&contenders, &samples, &sweep);
     print!("{}", machine.describe());
     print!("{}", report::table(&rows, &contenders));
+    if let Some(api) = api {
+        print!("{}", versus_compare(&samples, &sweep, api));
+    }
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let json = serde_json::to_string_pretty(&report::Report {
         machine: &machine,
