@@ -487,6 +487,12 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
     flatlet_api(
         &src_sock,
         "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
+    );
+    flatlet_api(
+        &src_sock,
+        "PUT",
         "/vsock",
         &format!(
             r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
@@ -516,6 +522,20 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
         "/snapshot/create",
         &format!(
             r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    // A Diff on top, after the guest ran a little more.
+    flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    std::thread::sleep(Duration::from_millis(1200));
+    flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    flatlet_api(
+        &src_sock,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
             state.display(),
             mem.display()
         ),

@@ -189,7 +189,7 @@ fn create_a_full_snapshot_of_the_paused_test_guest() {
         "PUT",
         "/snapshot/create",
         Some(&body.replace("Full", "Diff")),
-        "Diff snapshots are not supported yet",
+        "need dirty page tracking",
     );
     // A FIFO at the path is refused at once, not waited on.
     let fifo = vmm.sock.with_file_name("fifo");
@@ -326,12 +326,6 @@ fn bad_snapshot_files_are_refused_cleanly() {
     );
     std::fs::write(&state, b"FLATSNAP").unwrap();
     vmm.fault("PUT", "/snapshot/load", Some(&load), "truncated");
-    vmm.fault(
-        "PUT",
-        "/snapshot/load",
-        Some(&load.replace("}", r#", "track_dirty_pages": true}"#)),
-        "not supported yet",
-    );
     let both = format!(
         r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
         state.display(),
@@ -410,4 +404,89 @@ fn flatlet_run_restores_a_snapshot_from_the_command_line() {
     cmd.args(["--vcpus", "2"]);
     let out = common::run(cmd, Duration::from_secs(10));
     out.check(out.code() == Some(2), "exit 2 for --vcpus with --snapshot");
+}
+
+/// The bytes of memory the last snapshot wrote, from flatlet's log.
+fn memory_written(vmm: &Vmm) -> u64 {
+    let log = vmm.log.lock().unwrap().clone();
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            let at = l.find("memory ")?;
+            l[at + 7..].strip_suffix(" bytes written")?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no snapshot line in the log:\n{log}"))
+}
+
+#[test]
+fn two_diffs_on_one_base_restore_to_the_state_of_the_last() {
+    if !kvm_or_skip("two_diffs_on_one_base_restore_to_the_state_of_the_last") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-diff-src");
+    let mem = src.sock.with_file_name("vm.mem");
+    src.ok(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#),
+    );
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    let mut states = Vec::new();
+    for (n, kind) in [(1, "Full"), (2, "Diff"), (3, "Diff")] {
+        src.wait_console(&format!("flatlet-guest: heartbeat {n}"), Duration::from_secs(30));
+        src.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        let state = src.sock.with_file_name(format!("vm{n}.state"));
+        src.ok(
+            "PUT",
+            "/snapshot/create",
+            Some(&format!(
+                r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                state.display(),
+                mem.display()
+            )),
+        );
+        states.push((state, memory_written(&src)));
+        assert_eq!(src.heartbeats(), n, "paused right after heartbeat {n}");
+        src.ok("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    }
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    let (full, diff) = (states[0].1, states[2].1);
+    eprintln!(
+        "memory written: Full {full} bytes, Diffs {} and {diff} bytes",
+        states[1].1
+    );
+    assert!(
+        diff > 0 && diff < full / 4,
+        "a Diff writes what changed ({diff} bytes), far less than the Full ({full} bytes)"
+    );
+    // The file now holds the memory of the last Diff: its state goes on
+    // from heartbeat 3.
+    let dst = Vmm::start("snapshot-diff-dst");
+    dst.ok(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&states[2].0, &mem, r#", "resume_vm": true"#)),
+    );
+    dst.wait_console("flatlet-guest: heartbeat 4", Duration::from_secs(30));
+    let console = dst.console.lock().unwrap().clone();
+    assert!(!console.contains("heartbeat 2"), "{console}");
+    assert!(!console.contains("heartbeat 3"), "{console}");
+    // A Diff needs tracking: a VM loaded without it cannot take one.
+    dst.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    dst.fault(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            dst.sock.with_file_name("x.state").display(),
+            mem.display()
+        )),
+        "need dirty page tracking",
+    );
 }

@@ -555,9 +555,6 @@ impl Controller {
                 "Loading a snapshot is not allowed after configuring the microVM (boot source or devices set).",
             ));
         }
-        if let Some(what) = p.unsupported() {
-            return Err(ControllerError::State(what));
-        }
         let mem_path = p.mem_path().map_err(ControllerError::State)?;
         let t = std::time::Instant::now();
         let state: MicrovmState =
@@ -572,6 +569,7 @@ impl Controller {
             .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
         let mut config = self.config.clone();
         config.machine.huge_pages = saved.machine.huge_pages;
+        config.machine.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         saved.apply(&mut config);
         config.machine.vcpu_count = state.machine.vcpu_count;
         config.machine.mem_size_mib = state.machine.mem_size_mib as usize;
@@ -619,9 +617,9 @@ impl Controller {
                 "Cannot create a snapshot: the microVM is not paused.",
             ));
         };
-        if p.snapshot_type == SnapshotType::Diff {
-            return Err(ControllerError::Io(
-                "Diff snapshots are not supported yet.".into(),
+        if p.snapshot_type == SnapshotType::Diff && !self.config.machine.track_dirty_pages {
+            return Err(ControllerError::State(
+                "Diff snapshots need dirty page tracking: set track_dirty_pages in the machine configuration (or when loading the snapshot).",
             ));
         }
         let t = std::time::Instant::now();
@@ -639,12 +637,36 @@ impl Controller {
         crate::snapshot::create_regular(&p.snapshot_path)
             .and_then(|mut f| f.write_all(&bytes))
             .map_err(|e| ControllerError::Io(format!("snapshot file {}: {e}", p.snapshot_path.display())))?;
-        let mem = crate::snapshot::create_regular(&p.mem_file_path)
-            .map_err(|e| ControllerError::Io(format!("memory file {}: {e}", p.mem_file_path.display())))?;
-        let written = memory::write_sparse(vm.memory(), &mem, &p.mem_file_path)
+        let mem_err =
+            |e: String| ControllerError::Io(format!("memory file {}: {e}", p.mem_file_path.display()));
+        // The pages the guest wrote since the last snapshot; read (and
+        // cleared) for a Full one too, so that the next Diff starts here.
+        let dirty = if self.config.machine.track_dirty_pages {
+            vm.take_dirty_log().map_err(ControllerError::Io)?
+        } else {
+            Vec::new()
+        };
+        let (mem, mode) = match p.snapshot_type {
+            SnapshotType::Full => (
+                crate::snapshot::create_regular(&p.mem_file_path).map_err(|e| mem_err(e.to_string()))?,
+                memory::WriteMode::Full,
+            ),
+            // Into the existing file, which must be the VM's.
+            SnapshotType::Diff => (
+                crate::config::files::open_checked(
+                    &p.mem_file_path,
+                    true,
+                    crate::config::files::Accept::RegularFile,
+                )
+                .map_err(mem_err)?,
+                memory::WriteMode::Diff { dirty: &dirty },
+            ),
+        };
+        let written = memory::write_memory(vm.memory(), &mem, &p.mem_file_path, mode)
             .map_err(|e| ControllerError::Io(e.to_string()))?;
         info!(
-            "snapshot created in {} us: state {} bytes, memory {written} bytes written",
+            "{:?} snapshot created in {} us: state {} bytes, memory {written} bytes written",
+            p.snapshot_type,
             t.elapsed().as_micros(),
             bytes.len()
         );

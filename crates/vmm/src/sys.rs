@@ -18,14 +18,25 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 /// The caller must keep `memory` alive, and unchanged, for as long as the
 /// VM exists: the `Vm` owns both, and drops its KVM file descriptors
 /// before the memory.
-pub fn map_guest_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), kvm_ioctls::Error> {
+///
+/// With `log_dirty`, KVM logs the pages the guest writes
+/// (`KVM_MEM_LOG_DIRTY_PAGES`), for Diff snapshots.
+pub fn map_guest_memory(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), kvm_ioctls::Error> {
     for (slot, region) in memory.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

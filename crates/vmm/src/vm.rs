@@ -18,7 +18,7 @@ use flatlet_devices::serial::{COM_PORT_LEN, COM1_IRQ, COM1_PORT, Serial};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use log::{debug, info, warn};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::arch::bootparams::{BootParamsError, ZeroPage, e820_map};
@@ -234,7 +234,8 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     if machine.huge_pages == crate::config::HugePages::Transparent {
         memory::advise_huge_pages(&memory)?;
     }
-    sys::map_guest_memory(&vm_fd, &memory).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    sys::map_guest_memory(&vm_fd, &memory, machine.track_dirty_pages)
+        .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     steps.mark("guest memory");
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
@@ -641,6 +642,22 @@ impl Vm {
             },
             config,
         })
+    }
+
+    /// The pages the guest wrote since the last call (or since it
+    /// started), one bitmap per memory region, 64 pages a word
+    /// (`KVM_GET_DIRTY_LOG`, which also clears the log). Only with
+    /// `track_dirty_pages`.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, String> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.vm_fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|e| format!("KVM_GET_DIRTY_LOG (slot {slot}): {e}"))
+            })
+            .collect()
     }
 
     /// The VM's clock (kvmclock's base), for a snapshot.

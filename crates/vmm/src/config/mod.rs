@@ -175,9 +175,6 @@ impl MachineConfig {
                 host: host.mem_mib,
             });
         }
-        if self.track_dirty_pages {
-            return Err(ConfigError::Unsupported("track_dirty_pages (snapshots)".into()));
-        }
         if self.huge_pages == HugePages::Hugetlbfs2M {
             return Err(ConfigError::Unsupported("huge_pages \"2M\"".into()));
         }

@@ -84,15 +84,22 @@ pub enum FormatError {
 /// Encodes `state` as a complete state file.
 pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, FormatError> {
     let payload = postcard::to_stdvec(state).map_err(FormatError::Encode)?;
+    Ok(frame(&payload))
+}
+
+/// A complete state file around `payload`: the header (this format
+/// version and architecture) and the payload's checksum. (Public for the
+/// fuzz target, which builds files whose payload is its input.)
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&THIS_ARCH.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&CRC.checksum(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {

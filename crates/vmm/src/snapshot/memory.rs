@@ -35,31 +35,78 @@ pub enum MemoryFileError {
     Map(String),
 }
 
-/// Writes guest memory to `file` (regions back to back), leaving holes
-/// for untouched and zero pages; returns the bytes written.
-pub fn write_sparse(memory: &GuestMemoryMmap, file: &File, path: &Path) -> Result<u64, MemoryFileError> {
+/// How guest memory goes to the memory file.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteMode<'a> {
+    /// The whole memory, into a file made empty first: pages the guest
+    /// never touched and zero pages stay holes.
+    Full,
+    /// Into an existing memory file of the VM (an earlier Full snapshot,
+    /// brought up to date by any Diffs since): only the pages that are not
+    /// already there as they are now. `dirty` is KVM's log of the pages
+    /// the guest wrote since the last snapshot (one bitmap per region):
+    /// those are written without a look at the file; the other pages are
+    /// compared with the file, because devices write guest memory too
+    /// (used rings, received data) and KVM does not log that.
+    Diff { dirty: &'a [Vec<u64>] },
+}
+
+fn bit(bitmap: Option<&Vec<u64>>, page: usize) -> bool {
+    bitmap
+        .and_then(|b| b.get(page / 64))
+        .is_some_and(|w| w >> (page % 64) & 1 == 1)
+}
+
+/// Writes guest memory to `file` (regions back to back) as `mode` says;
+/// returns the bytes written. The pages looked at are those resident in
+/// memory and, for memory restored from a file, those the file has data
+/// for (untouched pages of a restored VM are its file's, not zero).
+pub fn write_memory(
+    memory: &GuestMemoryMmap,
+    file: &File,
+    path: &Path,
+    mode: WriteMode<'_>,
+) -> Result<u64, MemoryFileError> {
     let io = |source| MemoryFileError::Io {
         path: path.display().to_string(),
         source,
     };
     let total: u64 = memory.iter().map(|r| r.len()).sum();
-    file.set_len(0).map_err(io)?;
-    file.set_len(total).map_err(io)?;
+    match mode {
+        WriteMode::Full => {
+            file.set_len(0).map_err(io)?;
+            file.set_len(total).map_err(io)?;
+        }
+        WriteMode::Diff { .. } => {
+            let found = file.metadata().map_err(io)?.len();
+            if found != total {
+                return Err(MemoryFileError::Size {
+                    path: path.display().to_string(),
+                    found,
+                    expected: total,
+                });
+            }
+        }
+    }
     let mut written = 0u64;
     let mut file_base = 0u64;
     let mut buf = vec![0u8; MAX_RUN];
-    for region in memory.iter() {
-        let resident = crate::sys::resident_pages(region);
+    let mut on_file = vec![0u8; PAGE];
+    for (index, region) in memory.iter().enumerate() {
+        let candidates = candidate_pages(region);
+        let dirty = match mode {
+            WriteMode::Diff { dirty } => dirty.get(index),
+            WriteMode::Full => None,
+        };
         let mut page = 0usize;
-        while page < resident.len() {
-            if !resident[page] {
+        while page < candidates.len() {
+            if !candidates[page] {
                 page += 1;
                 continue;
             }
-            // A run of resident pages, read at once, written without its
-            // zero pages.
+            // A run of candidate pages, read at once, written page by page.
             let mut end = page;
-            while end < resident.len() && resident[end] && (end - page) * PAGE < MAX_RUN {
+            while end < candidates.len() && candidates[end] && (end - page) * PAGE < MAX_RUN {
                 end += 1;
             }
             let offset = (page * PAGE) as u64;
@@ -72,12 +119,20 @@ pub fn write_sparse(memory: &GuestMemoryMmap, file: &File, path: &Path) -> Resul
                     reason: e.to_string(),
                 })?;
             for (i, chunk) in buf[..len].chunks(PAGE).enumerate() {
-                if chunk.iter().all(|b| *b == 0) {
-                    continue;
-                }
                 let at = file_base + offset + (i * PAGE) as u64;
-                file.write_all_at(chunk, at).map_err(io)?;
-                written += chunk.len() as u64;
+                let write = match mode {
+                    WriteMode::Full => chunk.iter().any(|b| *b != 0),
+                    WriteMode::Diff { .. } if bit(dirty, page + i) => true,
+                    WriteMode::Diff { .. } => {
+                        let old = &mut on_file[..chunk.len()];
+                        file.read_exact_at(old, at).map_err(io)?;
+                        old != chunk
+                    }
+                };
+                if write {
+                    file.write_all_at(chunk, at).map_err(io)?;
+                    written += chunk.len() as u64;
+                }
             }
             page = end;
         }
@@ -85,6 +140,36 @@ pub fn write_sparse(memory: &GuestMemoryMmap, file: &File, path: &Path) -> Resul
     }
     file.sync_data().map_err(io)?;
     Ok(written)
+}
+
+/// The pages of `region` a snapshot looks at: resident ones, and those
+/// its backing file (if it was restored from one) has data for.
+fn candidate_pages(region: &GuestRegionMmap) -> Vec<bool> {
+    let mut pages = crate::sys::resident_pages(region);
+    if let Some(backing) = region.file_offset() {
+        let start = backing.start();
+        let end = start + region.len();
+        let mut at = start;
+        while at < end {
+            let Ok(data) = nix::unistd::lseek(backing.file(), at as i64, nix::unistd::Whence::SeekData)
+            else {
+                break;
+            };
+            let data = data as u64;
+            if data >= end {
+                break;
+            }
+            let hole = nix::unistd::lseek(backing.file(), data as i64, nix::unistd::Whence::SeekHole)
+                .map_or(end, |h| (h as u64).min(end));
+            let first = ((data - start) / PAGE as u64) as usize;
+            let last = (hole - start).div_ceil(PAGE as u64) as usize;
+            for p in pages.iter_mut().take(last).skip(first) {
+                *p = true;
+            }
+            at = hole;
+        }
+    }
+    pages
 }
 
 /// Maps the memory file at `path` privately as the guest memory of a VM
@@ -145,7 +230,7 @@ mod tests {
         // Touched, but zero: not written.
         mem.write_slice(&[0u8; 8], GuestAddress(0x10_0000)).unwrap();
         let file = File::create(&path).unwrap();
-        let written = write_sparse(&mem, &file, &path).unwrap();
+        let written = write_memory(&mem, &file, &path, WriteMode::Full).unwrap();
         assert_eq!(written, 2 * PAGE as u64);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 64 << 20);
@@ -169,6 +254,78 @@ mod tests {
 
         assert!(matches!(
             map_private(&path, 128),
+            Err(MemoryFileError::Size { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_diff_writes_what_changed_and_a_restored_vm_saves_its_files_pages() {
+        // On a disk file system (not tmpfs, whose pages are always in
+        // memory): /var/tmp.
+        let dir = Path::new("/var/tmp").join(format!("flatlet-snapdiff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        let mem = crate::memory::create(64).unwrap();
+        for page in 0..8u64 {
+            mem.write_slice(&[page as u8 + 1; 16], GuestAddress(page * 0x1000))
+                .unwrap();
+        }
+        // And one far from the others (beyond any readahead of theirs).
+        const FAR: u64 = 0x200_0000;
+        mem.write_slice(&[9; 16], GuestAddress(FAR)).unwrap();
+        let rw = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .unwrap()
+        };
+        let full = write_memory(&mem, &rw(&path), &path, WriteMode::Full).unwrap();
+        assert_eq!(full, 9 * PAGE as u64);
+        // Nothing changed: nothing written.
+        let none = write_memory(&mem, &rw(&path), &path, WriteMode::Diff { dirty: &[] }).unwrap();
+        assert_eq!(none, 0);
+        // A page a device wrote (not in KVM's log) is found by content; a
+        // page in the log is written without a look.
+        mem.write_slice(b"device", GuestAddress(0x3000)).unwrap();
+        let dirty = vec![vec![1u64 << 5]];
+        let two = write_memory(&mem, &rw(&path), &path, WriteMode::Diff { dirty: &dirty }).unwrap();
+        assert_eq!(two, 2 * PAGE as u64);
+        // Out of the page cache, so that the restored VM's untouched
+        // pages are not resident.
+        nix::fcntl::posix_fadvise(
+            rw(&path),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        let back = map_private(&path, 64).unwrap();
+        let mut got = [0u8; 6];
+        back.read_slice(&mut got, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&got, b"device");
+
+        // A VM restored from the file and saved to another: the pages it
+        // never touched come from the file, not as holes.
+        let region = back.iter().next().unwrap();
+        assert!(
+            !crate::sys::resident_pages(region)[(FAR / 0x1000) as usize],
+            "the far page is not resident"
+        );
+        let other = dir.join("other");
+        let again = write_memory(&back, &rw(&other), &other, WriteMode::Full).unwrap();
+        assert_eq!(again, 9 * PAGE as u64);
+        let copy = map_private(&other, 64).unwrap();
+        copy.read_slice(&mut got, GuestAddress(FAR)).unwrap();
+        assert_eq!(got, [9u8; 6]);
+        // A Diff into a file of another size is refused.
+        let small = dir.join("small");
+        std::fs::write(&small, [0u8; 4096]).unwrap();
+        assert!(matches!(
+            write_memory(&mem, &rw(&small), &small, WriteMode::Diff { dirty: &[] }),
             Err(MemoryFileError::Size { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -20,7 +20,8 @@ pub enum SnapshotType {
     /// All guest memory (sparse: touched pages only).
     #[default]
     Full,
-    /// Pages dirtied since the last snapshot (not supported yet).
+    /// Pages changed since the last snapshot, into the existing memory
+    /// file (needs `track_dirty_pages`).
     Diff,
 }
 
@@ -69,7 +70,7 @@ pub struct SnapshotLoadParams {
     /// Run the VM at once (else it stays paused).
     #[serde(default)]
     pub resume_vm: bool,
-    /// Dirty-page tracking for Diff snapshots (only `false` for now).
+    /// Dirty-page tracking, for Diff snapshots of the restored VM.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Deprecated name of `track_dirty_pages`.
@@ -81,12 +82,6 @@ pub struct SnapshotLoadParams {
 }
 
 impl SnapshotLoadParams {
-    /// What the body asks that flatlet cannot do yet.
-    pub fn unsupported(&self) -> Option<&'static str> {
-        (self.track_dirty_pages || self.enable_diff_snapshots)
-            .then_some("Dirty-page tracking (track_dirty_pages) is not supported yet.")
-    }
-
     /// The memory file, from whichever field gives it (exactly one must).
     pub fn mem_path(&self) -> Result<&std::path::Path, &'static str> {
         match (&self.mem_backend, &self.mem_file_path) {

@@ -782,7 +782,11 @@ fn a_restore_tells_the_driver_its_connections_are_gone() {
     // A device-readable event buffer is refused, and returned empty.
     add_chain(r.mem, ev, 1, &[(at + 0x100, 8, false)]);
     assert!(r.dev.transport_reset());
-    assert_eq!(r.mem.read_obj::<u32>(GuestAddress(at)).unwrap(), 0, "TRANSPORT_RESET");
+    assert_eq!(
+        r.mem.read_obj::<u32>(GuestAddress(at)).unwrap(),
+        0,
+        "TRANSPORT_RESET"
+    );
     let used_idx: u16 = r.mem.read_obj(GuestAddress(ev.used + 2)).unwrap();
     let used_len: u32 = r.mem.read_obj(GuestAddress(ev.used + 8)).unwrap();
     assert_eq!((used_idx, used_len), (1, 4));
