@@ -121,3 +121,8 @@ impl<'a> Input<'a> {
         [4, 4, 4, 1, 2, 8, 4, 4, 1, 2, 8, 0, 3, 16, 4, 4][usize::from(self.u8() & 15)]
     }
 }
+
+/// An interrupt line that goes nowhere.
+pub fn irq_line() -> IrqLine {
+    IrqLine::new(Arc::new(NoIrq), 5)
+}
