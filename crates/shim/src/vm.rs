@@ -1,0 +1,304 @@
+//! One container's microVM: flatlet started through flatlet-jailer (its
+//! own chroot, cgroup, unprivileged user, seccomp on), configured through
+//! its API socket, with the agent's image as the read-only root drive, the
+//! container's image as the second drive (`/dev/vdb` in the guest) and a
+//! vsock device whose Unix socket the shim reaches the agent through.
+
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::chown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::config::Config;
+
+/// The guest's vsock CID (one VM per flatlet: any value above 2).
+const GUEST_CID: u32 = 3;
+/// The jailer's exec-file name, the jail's directory name under the base.
+const EXEC_NAME: &str = "flatlet";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("starting {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("flatlet's API socket did not appear in {0:?} (see {1})")]
+    NoApi(Duration, String),
+    #[error("the VM ended during its set-up (see {0})")]
+    Ended(String),
+    #[error("flatlet's API refused {path}: {status} {body}")]
+    Api { path: String, status: u16, body: String },
+    #[error("flatlet's API: {0}")]
+    Client(String),
+    #[error("flatlet-jailer clean --id {id}: {output}")]
+    Clean { id: String, output: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// The jail id for a container: letters, digits and `-` (what the jailer
+/// takes), unique per namespace and container id.
+pub fn jail_id(namespace: &str, id: &str) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    (namespace, id).hash(&mut h);
+    let readable: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    format!("{readable}-{:016x}", h.finish())
+}
+
+/// The directory the jailer makes for `jail_id`.
+pub fn jail_root(config: &Config, jail_id: &str) -> PathBuf {
+    config.jail_base.join(EXEC_NAME).join(jail_id).join("root")
+}
+
+/// A running VM.
+pub struct Vm {
+    jail_id: String,
+    root: PathBuf,
+    pid: u32,
+    exit: Arc<(Mutex<Option<i32>>, Condvar)>,
+    jail_base: PathBuf,
+    jailer: PathBuf,
+}
+
+impl Vm {
+    /// Starts flatlet in its jail with `rootfs` as the container's drive;
+    /// the console goes to `console`. Returns once the guest is started.
+    pub fn start(config: &Config, jail_id: &str, rootfs: &Path, console: &Path) -> Result<Self, VmError> {
+        let root = jail_root(config, jail_id);
+        let log = File::create(console).map_err(io(format!("creating {}", console.display())))?;
+        let log2 = log.try_clone().map_err(io("the console log"))?;
+        let child = Command::new(&config.jailer)
+            .arg("--id")
+            .arg(jail_id)
+            .arg("--exec-file")
+            .arg(&config.flatlet)
+            .arg("--uid")
+            .arg(config.uid.to_string())
+            .arg("--gid")
+            .arg(config.gid.to_string())
+            .arg("--chroot-base-dir")
+            .arg(&config.jail_base)
+            .args(["--", "--api-sock", "/api.sock"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|source| VmError::Spawn {
+                what: config.jailer.display().to_string(),
+                source,
+            })?;
+        let vm = Self {
+            jail_id: jail_id.to_string(),
+            root,
+            pid: child.id(),
+            exit: Arc::new((Mutex::new(None), Condvar::new())),
+            jail_base: config.jail_base.clone(),
+            jailer: config.jailer.clone(),
+        };
+        vm.watch(child);
+        let shown = console.display().to_string();
+        if let Err(e) = vm.configure(config, rootfs, &shown) {
+            let _ = vm.stop();
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// A thread owns the child and records how it ended.
+    fn watch(&self, mut child: Child) {
+        let exit = Arc::clone(&self.exit);
+        std::thread::spawn(move || {
+            let code = child.wait().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
+            let (lock, cond) = &*exit;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+            cond.notify_all();
+        });
+    }
+
+    fn configure(&self, config: &Config, rootfs: &Path, console: &str) -> Result<(), VmError> {
+        let api = self.root.join("api.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !api.exists() {
+            if !self.alive() {
+                return Err(VmError::Ended(console.to_string()));
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::NoApi(Duration::from_secs(10), console.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        link_or_copy(&config.kernel, &self.root.join("vmlinux"))?;
+        link_or_copy(&config.agent_image, &self.root.join("agent.ext4"))?;
+        let disk = self.root.join("rootfs.ext4");
+        link_or_copy(rootfs, &disk)?;
+        chown(&disk, Some(config.uid), Some(config.gid)).map_err(io(format!("chown {}", disk.display())))?;
+        let put = |path: &str, body: String| -> Result<(), VmError> {
+            let (status, reply) =
+                api_put(&api, path, &body).map_err(|e| VmError::Client(format!("PUT {path}: {e}")))?;
+            if status / 100 != 2 {
+                return Err(VmError::Api {
+                    path: path.to_string(),
+                    status,
+                    body: reply,
+                });
+            }
+            Ok(())
+        };
+        put(
+            "/machine-config",
+            format!(
+                r#"{{"vcpu_count": {}, "mem_size_mib": {}}}"#,
+                config.vcpus, config.mem_mib
+            ),
+        )?;
+        let args = serde_json::to_string(&config.boot_args).map_err(|e| VmError::Client(e.to_string()))?;
+        put(
+            "/boot-source",
+            format!(r#"{{"kernel_image_path": "/vmlinux", "boot_args": {args}}}"#),
+        )?;
+        put(
+            "/drives/agent",
+            r#"{"drive_id": "agent", "path_on_host": "/agent.ext4", "is_root_device": true, "is_read_only": true}"#.into(),
+        )?;
+        put(
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": false, "is_read_only": false}"#
+                .into(),
+        )?;
+        put(
+            "/vsock",
+            format!(r#"{{"guest_cid": {GUEST_CID}, "uds_path": "/v.sock"}}"#),
+        )?;
+        put("/actions", r#"{"action_type": "InstanceStart"}"#.into())
+    }
+
+    /// flatlet's pid on the host (the jailer execs it).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The vsock Unix socket, as the host sees it.
+    pub fn vsock(&self) -> PathBuf {
+        self.root.join("v.sock")
+    }
+
+    /// Whether flatlet is still running.
+    pub fn alive(&self) -> bool {
+        self.exit.0.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// Waits up to `timeout` for flatlet to end; its exit code.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<i32> {
+        let (lock, cond) = &*self.exit;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cond
+            .wait_timeout_while(guard, timeout, |e| e.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// Ends flatlet (SIGTERM ends the VM cleanly; SIGKILL after 5 s) and
+    /// removes its jail and cgroups.
+    pub fn stop(&self) -> Result<(), VmError> {
+        if self.alive() {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+                self.wait_exit(Duration::from_secs(5));
+            }
+        }
+        clean_jail(&self.jailer, &self.jail_base, &self.jail_id)
+    }
+}
+
+/// `flatlet-jailer clean`: the jail directory and its cgroups (nothing if
+/// there is no jail).
+pub fn clean_jail(jailer: &Path, base: &Path, jail_id: &str) -> Result<(), VmError> {
+    if !base.join(EXEC_NAME).join(jail_id).exists() {
+        return Ok(());
+    }
+    let out = Command::new(jailer)
+        .args(["clean", "--id", jail_id, "--chroot-base-dir"])
+        .arg(base)
+        .output()
+        .map_err(|source| VmError::Spawn {
+            what: jailer.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(VmError::Clean {
+            id: jail_id.to_string(),
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// One `PUT` on flatlet's API socket (HTTP/1.1, `Connection: close`):
+/// the status code and the body.
+fn api_put(sock: &Path, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {reply:?}"))
+        })?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(io(format!("copying {} to {}", from.display(), to.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jail_ids_are_what_the_jailer_takes_and_differ_per_namespace() {
+        let a = jail_id("default", "t1");
+        let b = jail_id("k8s.io", "t1");
+        let long = jail_id("default", &"x.y_z".repeat(30));
+        for id in [&a, &b, &long] {
+            assert!(id.len() <= 64, "{id}");
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{id}");
+        }
+        assert_ne!(a, b);
+        assert_eq!(a, jail_id("default", "t1"), "stable");
+    }
+}
