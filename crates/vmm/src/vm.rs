@@ -234,9 +234,18 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     if machine.huge_pages == crate::config::HugePages::Transparent {
         memory::advise_huge_pages(&memory)?;
     }
-    sys::map_guest_memory(&vm_fd, &memory, machine.track_dirty_pages)
-        .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    steps.mark("guest memory");
+    let map_memory = || {
+        sys::map_guest_memory(&vm_fd, &memory, machine.track_dirty_pages)
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+    };
+    // A restored vCPU's state may refer to guest memory (kvmclock), so
+    // that memory goes in first. A booting VM's goes in while its vCPU
+    // threads configure themselves: on the nested hosts the call waits
+    // for an SRCU grace period, 0.2-1 ms of the launch (issue 16).
+    if restore.is_some() {
+        map_memory()?;
+        steps.mark("guest memory");
+    }
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
     let serial_input_ready = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
@@ -295,6 +304,9 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
             kick_signal: ctx.kick_signal,
             entry,
             paused: restore.as_ref().is_some_and(|r| r.paused),
+            meanwhile: boot
+                .is_some()
+                .then_some(&map_memory as &dyn Fn() -> Result<(), BuildError>),
             restore: restore.map(|r| r.state.vcpus),
         },
         &mut steps,
@@ -442,6 +454,8 @@ struct VcpuStart<'a> {
     entry: u64,
     /// When restoring: each vCPU's saved state, in index order.
     restore: Option<Vec<VcpuState>>,
+    /// Work for the VMM thread while the vCPU threads configure.
+    meanwhile: Option<&'a dyn Fn() -> Result<(), BuildError>>,
     /// Start paused.
     paused: bool,
 }
@@ -513,6 +527,14 @@ fn start_vcpus(
                 });
             }
         }
+    }
+    steps.mark("vCPU threads started");
+    if let Some(work) = s.meanwhile {
+        if let Err(e) = work() {
+            stop_all(&handles, &events_rx);
+            return Err(e);
+        }
+        steps.mark("guest memory (while vCPUs configure)");
     }
     // Every thread reports its configuration; the first failure stops all.
     let mut ready = 0;
