@@ -514,32 +514,23 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
         "/actions",
         r#"{"action_type": "InstanceStart"}"#,
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // A Full snapshot, then a Diff on top after the guest ran a little more.
+    for kind in ["Full", "Diff"] {
+        std::thread::sleep(Duration::from_millis(1300));
+        flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+        flatlet_api(
+            &src_sock,
+            "PUT",
+            "/snapshot/create",
+            &format!(
+                r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                state.display(),
+                mem.display()
+            ),
+        );
+        flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    }
     flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
-    flatlet_api(
-        &src_sock,
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
-    // A Diff on top, after the guest ran a little more.
-    flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
-    std::thread::sleep(Duration::from_millis(1200));
-    flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
-    flatlet_api(
-        &src_sock,
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
     let mut logs = vec![stop_traced(&src_log, child)];
     let dst_sock = dir.path("snapdst.sock");
     let dst_log = dir.path("snapdst.log");

@@ -33,6 +33,27 @@ fn pause_and_snapshot(vmm: &Vmm) -> (PathBuf, PathBuf) {
     (state, mem)
 }
 
+/// Boots the test guest (`flatlet.stay`), snapshots it after heartbeat
+/// `beat` and ends it; returns the ended flatlet (its directory holds the
+/// files until it is dropped), the state and the memory file.
+fn snapshot_after_heartbeat(tag: &str, beat: usize) -> (Vmm, PathBuf, PathBuf) {
+    let mut src = Vmm::start(tag);
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console(
+        &format!("flatlet-guest: heartbeat {beat}"),
+        Duration::from_secs(30),
+    );
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    (src, state, mem)
+}
+
 /// A `PUT /snapshot/load` body; `extra` is more JSON fields.
 fn load_body(state: &std::path::Path, mem: &std::path::Path, extra: &str) -> String {
     format!(
@@ -130,17 +151,7 @@ fn eight_clones_of_one_snapshot_run_at_once() {
     if !kvm_or_skip("eight_clones_of_one_snapshot_run_at_once") {
         return;
     }
-    let mut src = Vmm::start("snapshot-clones-src");
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
-    src.wait_console("flatlet-guest: heartbeat 1", Duration::from_secs(30));
-    let (state, mem) = pause_and_snapshot(&src);
-    src.child.kill().unwrap();
-    src.child.wait().unwrap();
+    let (_src, state, mem) = snapshot_after_heartbeat("snapshot-clones-src", 1);
     let clones: Vec<Vmm> = (0..8)
         .map(|i| Vmm::start(&format!("snapshot-clone{i}")))
         .collect();
@@ -343,17 +354,7 @@ fn flatlet_run_restores_a_snapshot_from_the_command_line() {
     if !kvm_or_skip("flatlet_run_restores_a_snapshot_from_the_command_line") {
         return;
     }
-    let mut src = Vmm::start("snapshot-cli-src");
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
-    src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
-    let (state, mem) = pause_and_snapshot(&src);
-    src.child.kill().unwrap();
-    src.child.wait().unwrap();
+    let (_src, state, mem) = snapshot_after_heartbeat("snapshot-cli-src", 2);
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flatlet"))
         .arg("run")

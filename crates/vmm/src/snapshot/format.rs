@@ -46,9 +46,10 @@ pub enum FormatError {
     /// The file could not be read or written.
     #[error("snapshot state file {path}: {source}")]
     Io { path: String, source: std::io::Error },
-    /// Not a regular file (a FIFO, device or directory).
-    #[error("snapshot state file {path} is not a regular file")]
-    NotAFile { path: String },
+    /// It cannot be opened, or it is not a regular file (a FIFO, device or
+    /// directory), checked as drives and kernels are.
+    #[error("snapshot state file {path}: {reason}")]
+    Open { path: String, reason: String },
     /// Larger than any state file flatlet writes.
     #[error("snapshot state file is {len} bytes, more than the {MAX_STATE_FILE} a state file can be")]
     TooLarge { len: u64 },
@@ -190,14 +191,12 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, FormatError> {
         path: path.display().to_string(),
         source,
     };
-    let file = super::open_regular(path, false).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(FormatError::NotAFile {
+    let file = crate::config::files::open_checked(path, false, crate::config::files::Accept::RegularFile)
+        .map_err(|reason| FormatError::Open {
             path: path.display().to_string(),
-        });
-    }
-    let len = meta.len();
+            reason,
+        })?;
+    let len = file.metadata().map_err(io)?.len();
     if len > MAX_STATE_FILE {
         return Err(FormatError::TooLarge { len });
     }
@@ -350,7 +349,7 @@ mod tests {
         let f = std::fs::File::create(&huge).unwrap();
         f.set_len(MAX_STATE_FILE + 1).unwrap();
         assert!(matches!(read::<Sample>(&huge), Err(FormatError::TooLarge { .. })));
-        assert!(matches!(read::<Sample>(&dir), Err(FormatError::NotAFile { .. })));
+        assert!(matches!(read::<Sample>(&dir), Err(FormatError::Open { .. })));
         let missing = read::<Sample>(&dir.join("missing")).unwrap_err();
         assert!(missing.to_string().contains("missing"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -118,8 +118,11 @@ pub fn write_memory(
                     addr,
                     reason: e.to_string(),
                 })?;
+            // Pages to write next to each other go in one write.
+            let run_at = file_base + offset;
+            let mut pending: Option<(usize, usize)> = None;
             for (i, chunk) in buf[..len].chunks(PAGE).enumerate() {
-                let at = file_base + offset + (i * PAGE) as u64;
+                let at = run_at + (i * PAGE) as u64;
                 let write = match mode {
                     WriteMode::Full => chunk.iter().any(|b| *b != 0),
                     WriteMode::Diff { .. } if bit(dirty, page + i) => true,
@@ -129,10 +132,23 @@ pub fn write_memory(
                         old != chunk
                     }
                 };
-                if write {
-                    file.write_all_at(chunk, at).map_err(io)?;
-                    written += chunk.len() as u64;
-                }
+                let here = i * PAGE;
+                pending = match (write, pending) {
+                    (true, Some((from, to))) => Some((from, to + chunk.len())),
+                    (true, None) => Some((here, here + chunk.len())),
+                    (false, Some((from, to))) => {
+                        file.write_all_at(&buf[from..to], run_at + from as u64)
+                            .map_err(io)?;
+                        written += (to - from) as u64;
+                        None
+                    }
+                    (false, None) => None,
+                };
+            }
+            if let Some((from, to)) = pending {
+                file.write_all_at(&buf[from..to], run_at + from as u64)
+                    .map_err(io)?;
+                written += (to - from) as u64;
             }
             page = end;
         }
@@ -179,13 +195,9 @@ pub fn map_private(path: &Path, mem_size_mib: u64) -> Result<GuestMemoryMmap, Me
         path: path.display().to_string(),
         source,
     };
-    let file = std::sync::Arc::new(super::open_regular(path, false).map_err(io)?);
-    if !file.metadata().map_err(io)?.is_file() {
-        return Err(MemoryFileError::Map(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
+    let file = crate::config::files::open_checked(path, false, crate::config::files::Accept::RegularFile)
+        .map_err(|reason| MemoryFileError::Map(format!("{}: {reason}", path.display())))?;
+    let file = std::sync::Arc::new(file);
     let bytes = mem_size_mib
         .checked_mul(1 << 20)
         .ok_or_else(|| MemoryFileError::Map(format!("{mem_size_mib} MiB is too large")))?;

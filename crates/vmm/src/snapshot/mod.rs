@@ -93,23 +93,17 @@ impl SnapshotLoadParams {
     }
 }
 
-/// Opens `path` without blocking (a FIFO or device must not hold up the
-/// VMM thread): for reading, or for writing (created, truncated). Callers
-/// check that it is a regular file before using it.
-pub fn open_regular(path: &std::path::Path, write: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    if write {
-        o.write(true).create(true).truncate(true);
-    } else {
-        o.read(true);
-    }
-    o.custom_flags(libc::O_NONBLOCK).open(path)
-}
-
-/// [`open_regular`] for writing, refusing what is not a regular file.
+/// Creates (or truncates) `path` for writing, without blocking (a FIFO or
+/// device must not hold up the VMM thread), refusing what is not a regular
+/// file. (Reading goes through the configuration's checked open.)
 pub fn create_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let file = open_regular(path, true)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
