@@ -269,4 +269,9 @@ pub struct RunArgs {
     /// interfaces, `IFACE_ID=TAP`. Repeatable.
     #[arg(long = "net-override", value_name = "IFACE_ID=TAP", requires = "snapshot")]
     pub net_overrides: Vec<String>,
+
+    /// With --snapshot: another Unix socket for the snapshot's vsock
+    /// device (each clone needs its own).
+    #[arg(long, value_name = "PATH", requires = "snapshot")]
+    pub vsock_override: Option<String>,
 }

@@ -21,7 +21,7 @@ use flatlet_vmm::logger::LoggerConfig;
 use flatlet_vmm::metrics::{MetricsConfig, Startup};
 use flatlet_vmm::runtime::{ConsoleInput, Runtime};
 use flatlet_vmm::snapshot::state::NetworkOverride;
-use flatlet_vmm::snapshot::{MemBackend, MemBackendType, SnapshotLoadParams};
+use flatlet_vmm::snapshot::{MemBackend, MemBackendType, SnapshotLoadParams, VsockOverride};
 use log::{debug, error, info};
 
 use cli::{Cli, Command, CommonArgs, FirecrackerArgs, RunArgs};
@@ -180,6 +180,7 @@ impl RunArgs {
             snapshot: None,
             mem: None,
             net_overrides: Vec::new(),
+            vsock_override: None,
         }
     }
 }
@@ -226,6 +227,12 @@ fn snapshot_request(state: &Path, args: &RunArgs) -> Result<Request, Failure> {
         track_dirty_pages: false,
         enable_diff_snapshots: false,
         network_overrides,
+        vsock_override: args
+            .vsock_override
+            .clone()
+            .map(|uds_path| VsockOverride { uds_path }),
+        clock_realtime: false,
+        huge_pages: None,
     }))
 }
 

@@ -276,7 +276,8 @@ fn a_loaded_snapshot_goes_on_where_it_stopped() {
     let clone = Vmm::start("snapshot-clone");
     assert_eq!(dst.ok("PUT", "/snapshot/load", Some(&load)).status, 204);
     // Without resume_vm, the clone stays paused until resumed.
-    let paused_load = load.replace(r#", "resume_vm": true"#, "");
+    // (And its clock moves on by the wall-clock time since the snapshot.)
+    let paused_load = load.replace(r#", "resume_vm": true"#, r#", "clock_realtime": true"#);
     assert_eq!(clone.ok("PUT", "/snapshot/load", Some(&paused_load)).status, 204);
     let info: serde_json::Value = serde_json::from_str(&clone.ok("GET", "/", None).body).unwrap();
     assert_eq!(info["state"], "Paused");
@@ -490,4 +491,81 @@ fn two_diffs_on_one_base_restore_to_the_state_of_the_last() {
         )),
         "need dirty page tracking",
     );
+}
+
+/// A vsock connection to `port` through the host socket `uds`, past the
+/// `OK` line.
+fn vsock_connect(uds: &std::path::Path, port: u32) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    s
+}
+
+fn echo_line(s: &mut std::os::unix::net::UnixStream, text: &str) {
+    use std::io::{Read, Write};
+    s.write_all(text.as_bytes()).unwrap();
+    let mut got = vec![0u8; text.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), text);
+}
+
+#[test]
+fn a_restored_vsock_device_serves_new_connections_on_its_override_socket() {
+    if !kvm_or_skip("a_restored_vsock_device_serves_new_connections_on_its_override_socket") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-vsock-src");
+    let uds = src.sock.with_file_name("v.sock");
+    src.ok(
+        "PUT",
+        "/vsock",
+        Some(&format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display())),
+    );
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.vsock=echo:5000")),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console("vsock: echo on port 5000", Duration::from_secs(30));
+    // A connection open across the snapshot: it ends with the source.
+    let mut before = vsock_connect(&uds, 5000);
+    echo_line(&mut before, "before the snapshot\n");
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+
+    let dst = Vmm::start("snapshot-vsock-dst");
+    let new_uds = dst.sock.with_file_name("clone.sock");
+    dst.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &mem, r#", "huge_pages": "2M""#)),
+        "Uffd",
+    );
+    dst.ok(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(
+            &state,
+            &mem,
+            &format!(
+                r#", "resume_vm": true, "vsock_override": {{"uds_path": "{}"}}"#,
+                new_uds.display()
+            ),
+        )),
+    );
+    // The device tells the driver its old connections are gone (the new
+    // flatlet's first host port is the old connection's: without the
+    // reset, the guest would take the new connection for the old one).
+    dst.wait_console("vsock: transport reset", Duration::from_secs(10));
+    let mut after = vsock_connect(&new_uds, 5000);
+    echo_line(&mut after, "after the restore\n");
+    let config: serde_json::Value = serde_json::from_str(&dst.ok("GET", "/vm/config", None).body).unwrap();
+    assert_eq!(config["vsock"]["uds_path"], new_uds.display().to_string());
 }

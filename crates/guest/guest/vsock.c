@@ -142,6 +142,43 @@ static void post_rx(u32 i)
     push(0, (u16)i);
 }
 
+/* The event queue (size EVQ): buffers for the device's events. */
+#define EVQ 4
+static u32 ev_buf[EVQ] = {0};
+
+static void post_event(u16 i)
+{
+    struct vq *v = &q[2];
+    v->desc[i] = (struct vdesc){(u64)&ev_buf[i], sizeof(ev_buf[i]), 2, 0};
+    v->avail.ring[v->avail.idx % EVQ] = i;
+    barrier();
+    v->avail.idx++;
+    v->dirty = 1;
+}
+
+/* VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a snapshot restore): every
+ * connection is gone, and the CID may have changed. */
+static u32 poll_events(void)
+{
+    u32 work = 0;
+    struct vq *e = &q[2];
+    while (*(volatile u16 *)&e->used.idx != e->last_used) {
+        u16 d = (u16)e->used.ring[e->last_used % EVQ].id;
+        e->last_used++;
+        work++;
+        if (d >= EVQ)
+            continue;
+        if (ev_buf[d] == 0) {
+            for (u32 i = 0; i < NCONN; i++)
+                conns[i].state = FREE;
+            my_cid = (u64)rd(REG_CONFIG) | ((u64)rd(REG_CONFIG + 4) << 32);
+            print("flatlet-guest: vsock: transport reset, connections dropped\n");
+        }
+        post_event(d);
+    }
+    return work;
+}
+
 static u32 credit(struct conn *c) { return c->peer_alloc - (c->tx_cnt - c->peer_fwd); }
 
 static void fill(struct vhdr *h, struct conn *c, u16 op, u32 len)
@@ -371,7 +408,8 @@ static u32 vsock_poll(void)
         if (c->staged)
             flush_stage(c);
     }
-    for (u32 w = 0; w < 2; w++)
+    work += poll_events();
+    for (u32 w = 0; w < 3; w++)
         if (q[w].dirty) {
             q[w].dirty = 0;
             barrier();
@@ -446,8 +484,10 @@ static int start(void)
     if (!(rd(REG_STATUS) & 8))
         return -1;
     my_cid = (u64)rd(REG_CONFIG) | ((u64)rd(REG_CONFIG + 4) << 32);
-    if (setup_queue(0, &q[0], QN) < 0 || setup_queue(1, &q[1], QN) < 0 || setup_queue(2, &q[2], 4) < 0)
+    if (setup_queue(0, &q[0], QN) < 0 || setup_queue(1, &q[1], QN) < 0 || setup_queue(2, &q[2], EVQ) < 0)
         return -1;
+    for (u16 i = 0; i < EVQ; i++)
+        post_event(i);
     for (u32 i = 0; i < QN; i++)
         tx_free[n_tx_free++] = (u16)i;
     for (u32 j = 0; j < NPOOL; j++)
@@ -458,6 +498,7 @@ static int start(void)
     ioapic_route(irq_pin, IRQ_VECTOR_BASE + VSOCK_IRQ, lapic_id());
     wr(REG_QUEUE_NOTIFY, 0);
     q[0].dirty = 0;
+    q[2].dirty = 0;
     return 0;
 }
 

@@ -540,8 +540,9 @@ impl Controller {
         &mut self,
         p: &crate::snapshot::SnapshotLoadParams,
     ) -> Result<Response, ControllerError> {
+        use crate::config::HugePages;
         use crate::snapshot::{
-            format, memory,
+            LoadHugePages, format, memory,
             state::{MicrovmState, SavedConfig},
         };
         let c = &self.config;
@@ -567,8 +568,22 @@ impl Controller {
         saved
             .override_networks(&p.network_overrides)
             .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
+        if let Some(v) = &p.vsock_override {
+            saved
+                .override_vsock(&v.uds_path)
+                .map_err(|e| ControllerError::Snapshot(e.to_string()))?;
+        }
         let mut config = self.config.clone();
-        config.machine.huge_pages = saved.machine.huge_pages;
+        config.machine.huge_pages = match p.huge_pages {
+            None | Some(LoadHugePages::Snapshot) => saved.machine.huge_pages,
+            Some(LoadHugePages::None) => HugePages::None,
+            Some(LoadHugePages::Transparent) => HugePages::Transparent,
+            Some(LoadHugePages::Hugetlbfs2M) => {
+                return Err(ControllerError::State(
+                    "huge_pages \"2M\" needs a Uffd memory backend, which flatlet does not have.",
+                ));
+            }
+        };
         config.machine.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         saved.apply(&mut config);
         config.machine.vcpu_count = state.machine.vcpu_count;
@@ -588,6 +603,7 @@ impl Controller {
                 state,
                 memory,
                 paused: !p.resume_vm,
+                clock_realtime: p.clock_realtime,
             }),
         };
         let vm = vm::build(&config, ctx)?;

@@ -151,6 +151,8 @@ pub struct RestoreSource {
     /// Whether the vCPUs start paused (they run no guest instruction
     /// until resumed).
     pub paused: bool,
+    /// Advance the guest clock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
 }
 
 /// A running (or paused) VM.
@@ -265,7 +267,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
     )));
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
     if let Some(r) = &restore {
-        restore_devices(&r.state, &vm_fd, chip.ioapic.as_ref(), &i8042, &boot_timer)?;
+        restore_devices(r, &vm_fd, chip.ioapic.as_ref(), &i8042, &boot_timer)?;
     }
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN)?;
@@ -349,13 +351,14 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
 
 /// Sets the restored devices (and the VM clock) to their saved state.
 fn restore_devices(
-    state: &MicrovmState,
+    r: &RestoreSource,
     vm_fd: &VmFd,
     ioapic: Option<&Arc<Mutex<flatlet_devices::ioapic::IoApic>>>,
     i8042: &Arc<Mutex<I8042>>,
     boot_timer: &Arc<Mutex<BootTimer>>,
 ) -> Result<(), BuildError> {
     let restore_err = |e: String| BuildError::Restore(e);
+    let state = &r.state;
     let Some(ioapic) = ioapic else {
         return Err(restore_err("snapshots need the split irqchip".into()));
     };
@@ -367,9 +370,18 @@ fn restore_devices(
         .map_err(|e| restore_err(e.to_string()))?;
     lock(boot_timer).restore(&state.devices.boot_timer);
     let mut clock = state.clock;
-    // Only the time itself: the flags KVM_GET_CLOCK reports are not all
-    // ones KVM_SET_CLOCK takes.
+    // Only the time itself (the flags KVM_GET_CLOCK reports are not all
+    // ones KVM_SET_CLOCK takes), and with clock_realtime the wall-clock
+    // time it was taken at, so that KVM adds the time since.
     clock.flags = 0;
+    if r.clock_realtime {
+        if state.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
+            return Err(restore_err(
+                "clock_realtime: the snapshot's host did not give its clock's wall-clock time".into(),
+            ));
+        }
+        clock.flags = kvm_bindings::KVM_CLOCK_REALTIME;
+    }
     vm_fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
 }
 

@@ -79,6 +79,40 @@ pub struct SnapshotLoadParams {
     /// Other TAPs for the snapshot's interfaces (a clone's own network).
     #[serde(default)]
     pub network_overrides: Vec<state::NetworkOverride>,
+    /// Another Unix socket for the vsock device (a clone's own).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's clock by the wall-clock time since the snapshot
+    /// (`KVM_CLOCK_REALTIME`), instead of resuming it where it stopped.
+    #[serde(default)]
+    pub clock_realtime: bool,
+    /// Huge pages of the restored memory: `Snapshot` (the default: as
+    /// saved), `None` or `Transparent` (`2M` needs a Uffd backend, which
+    /// flatlet does not have).
+    #[serde(default)]
+    pub huge_pages: Option<LoadHugePages>,
+}
+
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The host socket of the restored vsock device.
+    pub uds_path: String,
+}
+
+/// `huge_pages` of `PUT /snapshot/load`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum LoadHugePages {
+    /// As the snapshot's VM had it.
+    Snapshot,
+    /// Normal pages.
+    None,
+    /// Transparent huge pages.
+    Transparent,
+    /// hugetlbfs: refused (Firecracker needs a Uffd backend for it).
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
 }
 
 impl SnapshotLoadParams {

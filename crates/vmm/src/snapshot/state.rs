@@ -174,6 +174,18 @@ impl SavedConfig {
         validate_nets(&self.nets)
     }
 
+    /// Points the vsock device at another Unix socket; an error if the
+    /// snapshot has no vsock device.
+    pub fn override_vsock(&mut self, uds_path: &str) -> Result<(), ConfigError> {
+        let Some(v) = self.vsock.as_mut() else {
+            return Err(ConfigError::InvalidDevice(
+                "vsock override: the snapshot has no vsock device".into(),
+            ));
+        };
+        v.uds_path = uds_path.to_string();
+        v.validate()
+    }
+
     /// Sets the devices of `config` (a fresh one) to the saved ones.
     pub fn apply(self, config: &mut VmConfig) {
         config.drives = self.drives;
