@@ -21,7 +21,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::chain::{ChainError, Layout, descriptors, gather, pop_head, scatter, total};
+use super::chain::{
+    ChainError, Layout, add_used, avail_index, descriptors, descriptors_into, gather, pop_head, scatter,
+    take_head, total,
+};
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -151,6 +154,9 @@ pub struct Net {
     rx_len: usize,
     tap_watched: bool,
     tx_buf: Vec<u8>,
+    /// The transmit chain being read, kept between frames (no allocation
+    /// per frame).
+    tx_chain: (Vec<virtio_queue::desc::split::Descriptor>, Layout),
     log: LogLimiter,
     stats: NetStats,
     rx_limiter: Option<RateLimiter>,
@@ -174,6 +180,7 @@ impl Net {
             rx_len: 0,
             tap_watched: false,
             tx_buf: vec![0; MAX_FRAME],
+            tx_chain: Default::default(),
             log: LogLimiter::new(format!("virtio-net {id}")),
             stats: NetStats::default(),
             rx_limiter: None,
@@ -234,8 +241,25 @@ impl Net {
     pub fn process_tx(&mut self) -> usize {
         let Some(a) = self.active.as_mut() else { return 0 };
         let mut done = 0;
+        // The available index is read once for all the chains it shows,
+        // then again once they are done.
+        let mut avail = None;
         loop {
-            let head = match pop_head(&mut a.tx, &a.mem) {
+            let mut head = match avail {
+                Some(avail) => take_head(&mut a.tx, &a.mem, avail),
+                None => Ok(None),
+            };
+            if matches!(head, Ok(None)) {
+                head = match avail_index(&a.tx, &a.mem) {
+                    Ok(Some(now)) if Some(now) != avail => {
+                        avail = Some(now);
+                        take_head(&mut a.tx, &a.mem, now)
+                    }
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e),
+                };
+            }
+            let head = match head {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
@@ -244,7 +268,7 @@ impl Net {
                     break;
                 }
             };
-            let frame = frame_of(&a.mem, &a.tx, head, &mut self.tx_buf);
+            let frame = frame_of(&a.mem, &a.tx, head, &mut self.tx_chain, &mut self.tx_buf);
             if let Ok(len) = &frame {
                 let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
                 if !limits::admit(self.tx_limiter.as_mut(), &mut a.tx, 1, bytes) {
@@ -275,7 +299,7 @@ impl Net {
                     self.log.warn(format_args!("transmit chain dropped: {why}"));
                 }
             }
-            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
+            if let Err(e) = add_used(&mut a.tx, &a.mem, head, 0) {
                 self.log
                     .warn(format_args!("cannot return descriptor {head}: {e}"));
                 break;
@@ -454,8 +478,16 @@ enum FrameError {
 /// Gathers the transmit chain at `head` into `buf`; returns its length.
 /// The virtio-net header is cleared: flatlet offers no offloads, so the
 /// host kernel must never act on offload fields a guest made up.
-fn frame_of(mem: &GuestMemoryMmap, queue: &Queue, head: u16, buf: &mut [u8]) -> Result<usize, FrameError> {
-    let layout = Layout::of(mem, &descriptors(mem, queue, head)?)?;
+fn frame_of(
+    mem: &GuestMemoryMmap,
+    queue: &Queue,
+    head: u16,
+    chain: &mut (Vec<virtio_queue::desc::split::Descriptor>, Layout),
+    buf: &mut [u8],
+) -> Result<usize, FrameError> {
+    let (descs, layout) = chain;
+    descriptors_into(mem, queue, head, descs)?;
+    layout.fill(mem, descs)?;
     if !layout.writable.is_empty() {
         return Err(FrameError::Writable);
     }
