@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use containerd_shim::protos::api::Mount;
+use nix::mount::MsFlags;
 
 /// Room for what the container writes, on top of what its files take.
 const HEADROOM: u64 = 256 << 20;
@@ -28,12 +29,16 @@ pub enum ImageError {
     Mkfs(String),
 }
 
-/// Mounts containerd's `mounts` on `target` (none: `target` already holds the files).
+/// Mounts containerd's `mounts` on `target` (none: `target` already
+/// holds the files). Done here rather than with the containerd-shim
+/// crate's helper, which forks and waits through the crate's reaper, and
+/// the shim waits for its own children.
 pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<(), ImageError> {
     for m in mounts {
-        let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
-        let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        containerd_shim::mount::mount_rootfs(fstype, source, &m.options, target).map_err(|e| {
+        let (flags, data) = mount_options(&m.type_, &m.options);
+        let fstype = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
+        let data = (!data.is_empty()).then_some(data.as_str());
+        nix::mount::mount(Some(m.source.as_str()), target, fstype, flags, data).map_err(|e| {
             ImageError::Mount {
                 what: format!("{} ({})", m.source, m.type_),
                 target: target.display().to_string(),
@@ -42,6 +47,29 @@ pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<(), ImageError> {
         })?;
     }
     Ok(())
+}
+
+/// A mount's flags and file-system data from containerd's option list.
+fn mount_options(fstype: &str, options: &[String]) -> (MsFlags, String) {
+    let mut flags = if fstype == "bind" {
+        MsFlags::MS_BIND
+    } else {
+        MsFlags::empty()
+    };
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" | "defaults" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
 }
 
 /// Undoes [`mount_rootfs`] (every mount on `target`).
@@ -100,6 +128,27 @@ pub fn build(dir: &Path, image: &Path) -> Result<Duration, ImageError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn containerd_mount_options_become_flags_and_data() {
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (f, d) = mount_options(
+            "overlay",
+            &opts(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/a:/b"]),
+        );
+        assert_eq!(
+            (f, d.as_str()),
+            (
+                MsFlags::empty(),
+                "index=off,workdir=/w,upperdir=/u,lowerdir=/a:/b"
+            )
+        );
+        let (f, d) = mount_options("bind", &opts(&["rbind", "ro"]));
+        assert_eq!(
+            (f, d.as_str()),
+            (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY, "")
+        );
+    }
 
     #[test]
     fn an_image_holds_the_tree() {

@@ -1,0 +1,322 @@
+//! containerd end to end: a private containerd (Debian's package, with its
+//! own root, state and socket) runs containers with
+//! `--runtime io.containerd.flatlet.v2`, each in a flatlet microVM booted
+//! from the project's Linux guest kernel with flatlet-agent as PID 1.
+//!
+//! Slow: every container boots Linux, minutes on nested hosts. One boot by
+//! default (`ctr run --rm`: stdout, stderr, stdin and the exit status);
+//! `FLATLET_CONTAINERD_FULL=1` adds a second (a detached container: `ctr
+//! task exec`, `ctr task ps`, `ctr task kill`). Needs root, /dev/kvm,
+//! containerd and ctr (tools/setup-test-host installs them) and the guest
+//! kernel (FLATLET_LINUX_KERNEL, set by tools/test); skipped without them,
+//! failed under FLATLET_REQUIRE_HOST=1. `FLATLET_SKIP_LINUX=1` skips it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNTIME: &str = "io.containerd.flatlet.v2";
+const IMAGE: &str = "docker.io/flatlet/busybox:latest";
+
+fn skip(why: &str) {
+    if std::env::var("FLATLET_REQUIRE_HOST").is_ok_and(|v| v == "1")
+        && std::env::var("FLATLET_SKIP_LINUX").is_err()
+    {
+        panic!("containerd test: {why}");
+    }
+    eprintln!("SKIPPED containerd_runs_containers_in_flatlet_vms: {why}");
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// containerd with its own directories, stopped and cleaned up on drop.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    fn start(dir: &Path, bin_dir: &Path, shim_config: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("FLATLET_SHIM_CONFIG", shim_config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd");
+        let c = Self {
+            dir: dir.to_path_buf(),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: see {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(args);
+        cmd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `ctr args` with `input` on stdin; output, exit code, wall time.
+    fn ctr_with_input(&self, args: &[&str], input: &[u8]) -> (Output, Duration) {
+        let start = Instant::now();
+        let mut child = self
+            .ctr_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        (out, start.elapsed())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever containerd left mounted in its own directories.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+                if m.starts_with(&*self.dir.to_string_lossy()) {
+                    let _ = Command::new("umount").arg("-l").arg(m).status();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Nothing of a container is left: jails, per-container files, VMMs.
+fn assert_nothing_left(jail_base: &Path, state_dir: &Path) {
+    let jails: Vec<_> = std::fs::read_dir(jail_base.join("flatlet"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(jails.is_empty(), "jails left: {jails:?}");
+    let files: Vec<_> = std::fs::read_dir(state_dir.join("default"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(files.is_empty(), "per-container files left: {files:?}");
+    let ps = Command::new("pgrep")
+        .args(["-f", &jail_base.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "processes left: {}", text(&ps.stdout));
+}
+
+#[test]
+fn containerd_runs_containers_in_flatlet_vms() {
+    if std::env::var("FLATLET_SKIP_LINUX").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED containerd_runs_containers_in_flatlet_vms: FLATLET_SKIP_LINUX=1");
+        return;
+    }
+    if !nix_is_root() {
+        return skip("not root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return skip("no /dev/kvm");
+    }
+    if !have("containerd") || !have("ctr") {
+        return skip("no containerd or ctr (tools/setup-test-host installs them)");
+    }
+    let Ok(kernel) = std::env::var("FLATLET_LINUX_KERNEL") else {
+        return skip("FLATLET_LINUX_KERNEL is not set (tools/test sets it from tools/build-linux-guest)");
+    };
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-flatlet-v2"));
+    let bin_dir = shim.parent().unwrap().to_path_buf();
+    for b in ["flatlet", "flatlet-jailer", "flatlet-agent"] {
+        if !bin_dir.join(b).exists() {
+            return skip(&format!(
+                "no {b} next to the shim (cargo build --workspace builds it)"
+            ));
+        }
+    }
+    let work = std::env::temp_dir().join(format!("flatlet-containerd-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+
+    // The agent's image, from this build's agent.
+    let out = Command::new(repo().join("tools/build-agent-image"))
+        .env("FLATLET_AGENT", bin_dir.join("flatlet-agent"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "build-agent-image: {}", text(&out.stderr));
+    let agent_image = text(&out.stdout).lines().last().unwrap().to_string();
+
+    // The shim's own directories, so that "nothing left" is checkable.
+    let jail_base = work.join("jail");
+    let state_dir = work.join("state");
+    let shim_config = work.join("shim.json");
+    std::fs::write(
+        &shim_config,
+        serde_json::json!({
+            "flatlet": bin_dir.join("flatlet"), "jailer": bin_dir.join("flatlet-jailer"),
+            "kernel": kernel, "agent_image": agent_image,
+            "jail_base": jail_base, "state_dir": state_dir,
+        })
+        .to_string(),
+    )
+    .unwrap();
+
+    let ctd = Containerd::start(&work.join("containerd"), &bin_dir, &shim_config);
+    let tar = work.join("busybox-oci.tar");
+    let out = Command::new(repo().join("tools/build-oci-image"))
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "build-oci-image: {}", text(&out.stderr));
+    let out = ctd.ctr(&["image", "import", &tar.to_string_lossy()]);
+    assert!(out.status.success(), "ctr image import: {}", text(&out.stderr));
+
+    // runc, for comparison, in the same run.
+    let (out, runc) = ctd.ctr_with_input(&["run", "--rm", IMAGE, "runc-1", "true"], b"");
+    assert!(out.status.success(), "runc: {}", text(&out.stderr));
+
+    // One boot: stdout, stderr, stdin and the exit status.
+    let (out, took) = ctd.ctr_with_input(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t1",
+            "sh",
+            "-c",
+            "echo hello; read line; echo \"stdin: $line\"; echo to-stderr >&2; exit 3",
+        ],
+        b"from-the-host\n",
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    eprintln!(
+        "containerd: ctr run --rm with flatlet took {:.1} s (runc: {} ms); stdout {stdout:?}, stderr {stderr:?}",
+        took.as_secs_f64(),
+        runc.as_millis()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the container's exit status; stderr: {stderr}"
+    );
+    assert!(stdout.contains("hello\n"), "echo hello: {stdout:?}");
+    assert!(
+        stdout.contains("stdin: from-the-host\n"),
+        "stdin reached the process: {stdout:?}"
+    );
+    assert!(stderr.contains("to-stderr"), "stderr: {stderr:?}");
+    let out = ctd.ctr(&["containers", "ls", "-q"]);
+    assert_eq!(text(&out.stdout).trim(), "", "ctr run --rm removed the container");
+    assert_nothing_left(&jail_base, &state_dir);
+
+    if std::env::var("FLATLET_CONTAINERD_FULL").is_ok_and(|v| v == "1") {
+        detached_container(&ctd, &jail_base, &state_dir);
+    }
+    drop(ctd);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A second boot: a long-running container, an exec in it, ps, kill.
+fn detached_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
+    let out = ctd.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t2", "sleep", "3600"]);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    let (out, _) = ctd.ctr_with_input(
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "t2",
+            "sh",
+            "-c",
+            "echo exec-ok; exit 5",
+        ],
+        b"",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "the exec's exit status: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("exec-ok"), "{}", text(&out.stdout));
+    let out = ctd.ctr(&["task", "ps", "t2"]);
+    assert!(
+        out.status.success() && text(&out.stdout).lines().count() >= 2,
+        "ctr task ps: {}",
+        text(&out.stdout)
+    );
+    let out = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "t2"]);
+    assert!(out.status.success(), "ctr task kill: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+        if ls.lines().any(|l| l.starts_with("t2 ") && l.contains("STOPPED")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "t2 did not stop: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctd.ctr(&["task", "rm", "t2"]).status.success());
+    assert!(ctd.ctr(&["containers", "rm", "t2"]).status.success());
+    assert_nothing_left(jail_base, state_dir);
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
