@@ -175,7 +175,7 @@ fn parse_id(id: &str) -> Result<String, String> {
 pub enum Command {
     /// Boot a microVM (the built-in test guest unless --kernel is given).
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the built-in test guest kernel (an ELF) to a file.
     GuestImage {
         /// Where to write it.

@@ -125,7 +125,7 @@ impl SavedConfig {
             machine: config.machine.clone(),
             drives: config.drives.clone(),
             nets: config.nets.clone(),
-            entropy: config.entropy.clone(),
+            entropy: config.entropy,
             mmds: config.mmds.clone(),
             vsock: config.vsock.clone(),
         }
