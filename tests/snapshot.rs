@@ -569,3 +569,58 @@ fn a_restored_vsock_device_serves_new_connections_on_its_override_socket() {
     let config: serde_json::Value = serde_json::from_str(&dst.ok("GET", "/vm/config", None).body).unwrap();
     assert_eq!(config["vsock"]["uds_path"], new_uds.display().to_string());
 }
+
+#[test]
+fn a_placeholder_drive_is_pointed_at_another_image_after_restore() {
+    if !kvm_or_skip("a_placeholder_drive_is_pointed_at_another_image_after_restore") {
+        return;
+    }
+    // A template VM with a placeholder drive (what a container runtime
+    // keeps), restored and then given the real image with PATCH /drives.
+    let mut src = Vmm::start("snapshot-placeholder-src");
+    let placeholder = src.sock.with_file_name("placeholder.img");
+    std::fs::write(&placeholder, vec![0u8; 64 << 10]).unwrap();
+    src.ok(
+        "PUT",
+        "/boot-source",
+        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
+    );
+    src.ok(
+        "PUT",
+        "/drives/work",
+        Some(&format!(
+            r#"{{"drive_id": "work", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            placeholder.display()
+        )),
+    );
+    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.wait_console(
+        "flatlet-guest: blk: heartbeat 1 read: flatlet-guest-was-here",
+        Duration::from_secs(30),
+    );
+    let (state, mem) = pause_and_snapshot(&src);
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+
+    let dst = Vmm::start("snapshot-placeholder-dst");
+    let real = dst.sock.with_file_name("real.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[512..534].copy_from_slice(b"the-containers-rootfs!");
+    std::fs::write(&real, &image).unwrap();
+    dst.ok("PUT", "/snapshot/load", Some(&load_body(&state, &mem, "")));
+    dst.ok(
+        "PATCH",
+        "/drives/work",
+        Some(&format!(
+            r#"{{"drive_id": "work", "path_on_host": "{}"}}"#,
+            real.display()
+        )),
+    );
+    dst.ok("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    dst.wait_console("read: the-containers-rootfs!", Duration::from_secs(30));
+    let console = dst.console.lock().unwrap().clone();
+    assert!(
+        !console.contains("read: flatlet-guest-was-here"),
+        "no read of the placeholder after the restore: {console}"
+    );
+}
