@@ -6,6 +6,7 @@ mod compare;
 mod devices;
 mod probe;
 mod report;
+mod snapshot;
 mod stats;
 mod versus;
 mod vsock;
@@ -153,6 +154,29 @@ enum Cmd {
         #[arg(long)]
         flatlet: Option<PathBuf>,
     },
+    /// Full snapshots of the test guest (1 vCPU, 128 MiB, flatlet.stay) and
+    /// restores from them: create time and bytes written, load time,
+    /// spawn to the restored guest's first console byte, and N clones
+    /// restored at once; with --firecracker side by side, interleaved, with
+    /// ratios against issue 14's targets.
+    Snapshot {
+        /// Measured runs per VMM (the table shows medians).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Restores at once from one snapshot, per run.
+        #[arg(long, default_value_t = 16)]
+        clones: usize,
+        /// Pause the guest this many ms after its heartbeat-1 line (its
+        /// timer ticks every 1000 ms; both VMMs pause at the same point).
+        #[arg(long, default_value_t = 900)]
+        phase_ms: u64,
+        /// A Firecracker binary to run side by side.
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
+        /// The flatlet binary (default: the one next to flatlet-bench).
+        #[arg(long)]
+        flatlet: Option<PathBuf>,
+    },
     /// Measures one launch (used by the benchmarks themselves, so that each
     /// launch's resource usage is its own). Prints JSON.
     #[command(hide = true)]
@@ -265,6 +289,32 @@ fn main() -> ExitCode {
         {
             Ok(figures) => {
                 vsock::print(&figures);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flatlet-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Snapshot {
+            runs,
+            clones,
+            phase_ms,
+            firecracker,
+            flatlet,
+        } => match flatlet
+            .map_or_else(|| sibling("flatlet"), Ok)
+            .and_then(|flatlet| {
+                snapshot::run(&snapshot::Plan {
+                    flatlet,
+                    firecracker,
+                    runs,
+                    clones,
+                    phase_ms,
+                })
+            }) {
+            Ok(figures) => {
+                print!("{}", snapshot::table(&figures));
                 ExitCode::SUCCESS
             }
             Err(e) => {
