@@ -156,7 +156,8 @@ pub enum Request {
         /// The process's exec id.
         exec_id: String,
     },
-    /// End of input: the process reads end-of-file from stdin.
+    /// The agent lets go of the process's stdin. End-of-file comes from the
+    /// host closing its end (after the data), never from the agent.
     CloseStdin {
         /// The container's id.
         container_id: String,

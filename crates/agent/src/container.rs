@@ -257,7 +257,8 @@ impl State {
         }
     }
 
-    /// The process reads end-of-file from its stdin.
+    /// Lets go of the process's stdin (a stream not yet handed to a
+    /// process is closed: end-of-file from the start).
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
         let mut inner = self.lock();
         let c = inner
@@ -271,10 +272,11 @@ impl State {
                 container_id: id.to_string(),
                 exec_id: exec_id.to_string(),
             })?;
+        // Not shutdown(SHUT_RD): that would discard what the host sent
+        // and the process has not read yet. The process reads end-of-file
+        // once the host has closed its end and the data is consumed.
         p.stdin = None;
-        if let Some(s) = p.stdin_kept.take() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
-        }
+        p.stdin_kept = None;
         Ok(())
     }
 

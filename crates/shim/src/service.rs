@@ -9,7 +9,6 @@
 //! `PATCH /drives`), which is the same hook the snapshot template needs.
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,7 +27,7 @@ use flatlet_agent_protocol::{ProcessSpec, Request, Response, Rootfs, Stream};
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::spec::{SANDBOX_ID_ANNOTATION, parse_process, read_bundle};
-use crate::stdio::Outputs;
+use crate::stdio::{Input, Outputs};
 use crate::vm::{Vm, clean_jail, jail_id};
 use crate::{image, stdio};
 
@@ -51,7 +50,7 @@ struct Proc {
     status: Status,
     exit_status: u32,
     exited_at: Option<Timestamp>,
-    stdin_handle: Option<UnixStream>,
+    stdin_handle: Option<Input>,
 }
 
 impl Proc {
@@ -652,18 +651,15 @@ impl containerd_shim::Task for Service {
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         if req.stdin {
-            let handle = c
+            // The agent is not asked (`close_stdin` would drop what the
+            // process has not read yet): closing the host's end is enough.
+            let input = c
                 .procs()
                 .get_mut(&req.exec_id)
                 .and_then(|p| p.stdin_handle.take());
-            if let Some(h) = handle {
-                let _ = h.shutdown(std::net::Shutdown::Both);
+            if let Some(input) = input {
+                input.close(Duration::from_secs(2));
             }
-            let request = Request::CloseStdin {
-                container_id: c.id.clone(),
-                exec_id: req.exec_id.clone(),
-            };
-            let _ = c.agent.call_ok(&request);
         }
         Ok(api::Empty::new())
     }

@@ -45,10 +45,30 @@ impl Outputs {
     }
 }
 
-/// Copies the FIFO at `path` into `stream`, then ends the process's input.
-/// Returns a handle on the stream, for `close_io`.
-pub fn relay_in(stream: UnixStream, path: String) -> Option<UnixStream> {
+/// The stdin relay of one process.
+pub struct Input {
+    handle: UnixStream,
+    done: Receiver<()>,
+}
+
+impl Input {
+    /// containerd is done with stdin: the relay forwards what is left in
+    /// the FIFO and ends; one that is still blocked after `grace` (a
+    /// writer that keeps the FIFO open) has its stream closed.
+    pub fn close(self, grace: Duration) {
+        std::thread::spawn(move || {
+            if self.done.recv_timeout(grace).is_err() {
+                let _ = self.handle.shutdown(Shutdown::Write);
+            }
+        });
+    }
+}
+
+/// Copies the FIFO at `path` into `stream`, then ends the process's input
+/// (the guest reads end-of-file after the data).
+pub fn relay_in(stream: UnixStream, path: String) -> Option<Input> {
     let handle = stream.try_clone().ok()?;
+    let (tx, done) = channel();
     std::thread::spawn(move || {
         let mut stream = stream;
         match OpenOptions::new().read(true).open(&path) {
@@ -60,6 +80,7 @@ pub fn relay_in(stream: UnixStream, path: String) -> Option<UnixStream> {
             Err(e) => log::warn!("opening {path}: {e}"),
         }
         let _ = stream.shutdown(Shutdown::Write);
+        let _ = tx.send(());
     });
-    Some(handle)
+    Some(Input { handle, done })
 }
