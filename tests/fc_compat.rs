@@ -17,7 +17,7 @@ fn informational_and_refused_flags() {
     // Snapshots: the format this flatlet writes, and a file's.
     let out = run(with(&["--snapshot-version"]), Duration::from_secs(10));
     out.check(
-        out.code() == Some(0) && out.stdout.trim() == "v1",
+        out.code() == Some(0) && out.stdout.trim() == "v2",
         "--snapshot-version",
     );
     let dir = TempDir::new("describe");
@@ -28,7 +28,7 @@ fn informational_and_refused_flags() {
         Duration::from_secs(10),
     );
     out.check(
-        out.code() == Some(0) && out.stdout.trim() == "v1",
+        out.code() == Some(0) && out.stdout.trim() == "v2",
         "--describe-snapshot",
     );
     let mut bytes = std::fs::read(&good).unwrap();

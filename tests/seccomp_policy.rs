@@ -436,7 +436,9 @@ fn workloads(dir: &TempDir) -> Vec<String> {
     let st = child.wait().unwrap();
     assert!(st.code().is_some(), "stopped, not killed: {st:?}");
     logs.push(std::fs::read_to_string(&stay_log).unwrap());
-    logs.extend(snapshot_workload(dir, &guest));
+    // The split irqchip (flatlet's I/O APIC), and KVM's with its PIT.
+    logs.extend(snapshot_workload(dir, &guest, "split"));
+    logs.extend(snapshot_workload(dir, &guest, "full-pit"));
     logs
 }
 
@@ -466,12 +468,12 @@ fn stop_traced(log: &Path, mut child: std::process::Child) -> String {
 
 /// A snapshot of a paused guest with a drive, an entropy device and a
 /// vsock device, and its load (and run) in a new flatlet.
-fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
-    let state = dir.path("snap.state");
-    let mem = dir.path("snap.mem");
-    let src_sock = dir.path("snapsrc.sock");
-    let src_log = dir.path("snapsrc.log");
-    let drive = dir.path("snap.img");
+fn snapshot_workload(dir: &TempDir, guest: &Path, irqchip: &str) -> Vec<String> {
+    let state = dir.path(&format!("{irqchip}-snap.state"));
+    let mem = dir.path(&format!("{irqchip}-snap.mem"));
+    let src_sock = dir.path(&format!("{irqchip}-snapsrc.sock"));
+    let src_log = dir.path(&format!("{irqchip}-snapsrc.log"));
+    let drive = dir.path(&format!("{irqchip}-snap.img"));
     std::fs::write(&drive, vec![0u8; 1 << 20]).unwrap();
     let child = traced_api(&src_log, &src_sock);
     flatlet_api(
@@ -488,7 +490,9 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
         &src_sock,
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#,
+        &format!(
+            r#"{{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true, "irqchip": "{irqchip}"}}"#
+        ),
     );
     flatlet_api(
         &src_sock,
@@ -496,7 +500,7 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
         "/vsock",
         &format!(
             r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
-            dir.path("snap.vsock").display()
+            dir.path(&format!("{irqchip}-snap.vsock")).display()
         ),
     );
     flatlet_api(
@@ -532,8 +536,8 @@ fn snapshot_workload(dir: &TempDir, guest: &Path) -> Vec<String> {
     }
     flatlet_api(&src_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     let mut logs = vec![stop_traced(&src_log, child)];
-    let dst_sock = dir.path("snapdst.sock");
-    let dst_log = dir.path("snapdst.log");
+    let dst_sock = dir.path(&format!("{irqchip}-snapdst.sock"));
+    let dst_log = dir.path(&format!("{irqchip}-snapdst.log"));
     let child = traced_api(&dst_log, &dst_sock);
     flatlet_api(
         &dst_sock,

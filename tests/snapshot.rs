@@ -624,3 +624,47 @@ fn a_placeholder_drive_is_pointed_at_another_image_after_restore() {
         "no read of the placeholder after the restore: {console}"
     );
 }
+
+#[test]
+fn vms_on_kvms_irqchip_are_saved_and_restored_too() {
+    if !kvm_or_skip("vms_on_kvms_irqchip_are_saved_and_restored_too") {
+        return;
+    }
+    for mode in ["full", "full-pit"] {
+        let mut src = Vmm::start(&format!("snapshot-{mode}-src"));
+        src.ok(
+            "PUT",
+            "/machine-config",
+            Some(&format!(
+                r#"{{"vcpu_count": 2, "mem_size_mib": 64, "irqchip": "{mode}"}}"#
+            )),
+        );
+        src.ok(
+            "PUT",
+            "/boot-source",
+            Some(&src.boot_source("console=ttyS0 flatlet.stay")),
+        );
+        src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+        src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
+        let (state, mem) = pause_and_snapshot(&src);
+        src.child.kill().unwrap();
+        src.child.wait().unwrap();
+        let dst = Vmm::start(&format!("snapshot-{mode}-dst"));
+        dst.ok(
+            "PUT",
+            "/snapshot/load",
+            Some(&load_body(&state, &mem, r#", "resume_vm": true"#)),
+        );
+        dst.wait_console("flatlet-guest: heartbeat 3", Duration::from_secs(30));
+        let config: serde_json::Value =
+            serde_json::from_str(&dst.ok("GET", "/vm/config", None).body).unwrap();
+        assert_eq!(config["machine-config"]["irqchip"], mode);
+        // Its timer interrupts go on (KVM's local APIC, restored), and the
+        // keyboard's reaches it through KVM's restored I/O APIC.
+        dst.wait_console("flatlet-guest: heartbeat 4", Duration::from_secs(30));
+        let mut dst = dst;
+        dst.ok("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+        let code = dst.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{mode}: {}", dst.console.lock().unwrap());
+    }
+}

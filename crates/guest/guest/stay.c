@@ -77,6 +77,11 @@ void handle_irq(u32 irq)
 
 void stay(void)
 {
+    /* KVM's full irqchip has the legacy 8259 PICs, wired to LINT0: mask
+     * every line of both, so that ISA interrupts arrive only through the
+     * I/O APIC (as with any APIC-using kernel). */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
     ioapic_route(KBD_PIN, IRQ_VECTOR_BASE + KBD_PIN, lapic_id());
     lapic_write(LAPIC_TIMER_DIV, TIMER_DIV_1);
     lapic_write(LAPIC_LVT_TIMER, IRQ_VECTOR_BASE | TIMER_PERIODIC);

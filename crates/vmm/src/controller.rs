@@ -585,11 +585,11 @@ impl Controller {
             }
         };
         config.machine.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        config.machine.irqchip = saved.machine.irqchip;
         saved.apply(&mut config);
         config.machine.vcpu_count = state.machine.vcpu_count;
         config.machine.mem_size_mib = state.machine.mem_size_mib as usize;
         config.machine.smt = state.machine.smt;
-        config.machine.irqchip = crate::irqchip::IrqchipMode::default();
         // The file's machine within this host's limits, as a configured one.
         config.machine.validate(&self.limits)?;
         let memory = memory::map_private(mem_path, state.machine.mem_size_mib)

@@ -29,11 +29,14 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{self, DeviceError, VirtioSlot};
 use crate::exit::{EXIT_BAD_CONFIG, EXIT_ERROR, EXIT_KVM, ExitSignal, VmExit};
 use crate::host::HostKind;
+use crate::irqchip::IrqchipMode;
 use crate::irqchip::{self, IrqchipError};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
-use crate::snapshot::state::{DeviceStates, MachineState, MicrovmState, SnapshotError, VirtioDeviceState};
+use crate::snapshot::state::{
+    DeviceStates, KernelIrqchipState, MachineState, MicrovmState, SnapshotError, VirtioDeviceState,
+};
 use crate::snapshot::vcpu::{VcpuState, saved_msr_indices};
 use crate::sys;
 use crate::vcpu::{MachineIo, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle, VcpuSetup};
@@ -177,6 +180,7 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     kvm: Kvm,
+    irqchip: IrqchipMode,
     /// The command line the guest got.
     pub cmdline: String,
 }
@@ -345,6 +349,7 @@ pub fn build(config: &VmConfig, ctx: BuildContext) -> Result<Vm, BuildError> {
         vm_fd,
         memory,
         kvm,
+        irqchip: config.machine.irqchip,
         cmdline,
     })
 }
@@ -359,12 +364,17 @@ fn restore_devices(
 ) -> Result<(), BuildError> {
     let restore_err = |e: String| BuildError::Restore(e);
     let state = &r.state;
-    let Some(ioapic) = ioapic else {
-        return Err(restore_err("snapshots need the split irqchip".into()));
-    };
-    lock(ioapic)
-        .restore(&state.devices.ioapic)
-        .map_err(|e| restore_err(e.to_string()))?;
+    match (ioapic, &state.devices.ioapic, &state.kernel_irqchip) {
+        (Some(ioapic), Some(saved), None) => lock(ioapic)
+            .restore(saved)
+            .map_err(|e| restore_err(e.to_string()))?,
+        (None, None, Some(kernel)) => restore_kernel_irqchip(vm_fd, kernel)?,
+        _ => {
+            return Err(restore_err(
+                "the snapshot's interrupt controller is not the configured one".into(),
+            ));
+        }
+    }
     lock(i8042)
         .restore(&state.devices.i8042)
         .map_err(|e| restore_err(e.to_string()))?;
@@ -383,6 +393,18 @@ fn restore_devices(
         clock.flags = kvm_bindings::KVM_CLOCK_REALTIME;
     }
     vm_fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
+}
+
+/// Sets KVM's PICs, I/O APIC and PIT to their saved state (KVM checks
+/// what it is given; a PIT is only set if the VM has one).
+fn restore_kernel_irqchip(vm_fd: &VmFd, kernel: &KernelIrqchipState) -> Result<(), BuildError> {
+    for chip in &kernel.chips {
+        vm_fd.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+    }
+    if let Some(pit) = &kernel.pit {
+        vm_fd.set_pit2(pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    }
+    Ok(())
 }
 
 /// Sets each virtio transport (and so its device) to its saved state. The
@@ -644,13 +666,12 @@ impl Vm {
         Ok(states)
     }
 
-    /// The state of a paused VM, for a snapshot (split irqchip only);
-    /// `config` is the devices' configuration, as JSON.
+    /// The state of a paused VM, for a snapshot; `config` is the
+    /// devices' configuration, as JSON.
     pub fn save_state(&self, machine: MachineState, config: String) -> Result<MicrovmState, SnapshotError> {
-        let Some(ioapic) = &self.io.ioapic else {
-            return Err(SnapshotError::Unsupported(
-                "snapshots need the split irqchip (flatlet's default); the in-kernel irqchip is not supported",
-            ));
+        let kernel_irqchip = match &self.io.ioapic {
+            Some(_) => None,
+            None => Some(self.save_kernel_irqchip().map_err(SnapshotError::Save)?),
         };
         let vcpus = self.save_vcpus().map_err(SnapshotError::Save)?;
         let clock = self.save_clock().map_err(SnapshotError::Save)?;
@@ -659,7 +680,7 @@ impl Vm {
             clock,
             vcpus,
             devices: DeviceStates {
-                ioapic: lock(ioapic).state(),
+                ioapic: self.io.ioapic.as_ref().map(|i| lock(i).state()),
                 serial: lock(&self.serial).state(),
                 i8042: lock(&self.i8042).state(),
                 boot_timer: lock(&self.boot_timer).state(),
@@ -674,8 +695,31 @@ impl Vm {
                     })
                     .collect(),
             },
+            kernel_irqchip,
             config,
         })
+    }
+
+    /// KVM's PICs and I/O APIC, and its PIT if the VM has one.
+    fn save_kernel_irqchip(&self) -> Result<KernelIrqchipState, String> {
+        let mut chips = Vec::with_capacity(3);
+        for chip_id in 0..3 {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| format!("KVM_GET_IRQCHIP ({chip_id}): {e}"))?;
+            chips.push(chip);
+        }
+        let pit = match self.irqchip {
+            IrqchipMode::FullWithPit => {
+                Some(self.vm_fd.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?)
+            }
+            _ => None,
+        };
+        Ok(KernelIrqchipState { chips, pit })
     }
 
     /// The pages the guest wrote since the last call (or since it

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 /// The first bytes of every flatlet snapshot state file.
 pub const MAGIC: [u8; 8] = *b"FLATSNAP";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Architecture codes.
 pub const ARCH_X86_64: u16 = 1;
 /// The architecture of this build.
@@ -285,10 +285,18 @@ mod tests {
     #[test]
     fn refuses_a_foreign_version() {
         let mut bytes = file();
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
-        let err = decode::<Sample>(&bytes).unwrap_err();
-        assert!(matches!(err, FormatError::Version { found: 2 }));
-        assert!(err.to_string().contains("version 2 is not supported"), "{err}");
+        // The version before this one (whose payload had no virtio or
+        // KVM irqchip state) and one from the future.
+        for other in [FORMAT_VERSION - 1, FORMAT_VERSION + 1] {
+            bytes[8..10].copy_from_slice(&other.to_le_bytes());
+            let err = decode::<Sample>(&bytes).unwrap_err();
+            assert!(matches!(err, FormatError::Version { found } if found == other));
+            assert!(
+                err.to_string()
+                    .contains(&format!("version {other} is not supported")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use flatlet_devices::i8042::I8042State;
 use flatlet_devices::ioapic::IoApicState;
 use flatlet_devices::serial::SerialDeviceState;
 use flatlet_devices::virtio::mmio::TransportState;
-use kvm_bindings::kvm_clock_data;
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
 use super::vcpu::VcpuState;
@@ -36,11 +36,20 @@ pub struct MachineState {
     pub smt: bool,
 }
 
+/// KVM's in-kernel interrupt controllers (and PIT), with the full irqchip.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelIrqchipState {
+    /// The master PIC, the slave PIC and the I/O APIC (chip ids 0, 1, 2).
+    pub chips: Vec<kvm_irqchip>,
+    /// The PIT, with `full-pit`.
+    pub pit: Option<kvm_pit_state2>,
+}
+
 /// Devices outside KVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
-    /// flatlet's I/O APIC (split irqchip).
-    pub ioapic: IoApicState,
+    /// flatlet's I/O APIC (split irqchip; None with KVM's).
+    pub ioapic: Option<IoApicState>,
     /// COM1.
     pub serial: SerialDeviceState,
     /// The keyboard controller.
@@ -76,6 +85,8 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     /// Devices.
     pub devices: DeviceStates,
+    /// KVM's interrupt controllers, with the full irqchip.
+    pub kernel_irqchip: Option<KernelIrqchipState>,
     /// The devices' configuration (drives, network interfaces, vsock,
     /// entropy, MMDS), as JSON: the configuration's own serde form, with
     /// its own checks on restore.
@@ -218,6 +229,16 @@ impl MicrovmState {
         if self.machine.mem_size_mib == 0 {
             return Err(SnapshotError::Unsupported("snapshot state: no guest memory"));
         }
+        // One interrupt controller: flatlet's I/O APIC or KVM's three chips.
+        let kernel_ok = self
+            .kernel_irqchip
+            .as_ref()
+            .is_none_or(|k| k.chips.iter().map(|c| c.chip_id).eq(0..3));
+        if self.devices.ioapic.is_some() == self.kernel_irqchip.is_some() || !kernel_ok {
+            return Err(SnapshotError::Unsupported(
+                "snapshot state: the interrupt controller state is inconsistent",
+            ));
+        }
         Ok(())
     }
 }
@@ -254,12 +275,12 @@ mod tests {
             clock: Default::default(),
             vcpus: (0..vcpus).map(vcpu).collect(),
             devices: DeviceStates {
-                ioapic: IoApicState {
+                ioapic: Some(IoApicState {
                     id: 0,
                     select: 0,
                     redirection: vec![1 << 16; 24],
                     line: vec![false; 24],
-                },
+                }),
                 serial: SerialDeviceState {
                     baud_divisor: [12, 0],
                     registers: [0; 7],
@@ -275,6 +296,7 @@ mod tests {
                 boot_timer: BootTimerState::default(),
                 virtio: vec![],
             },
+            kernel_irqchip: None,
             config: "{}".into(),
         }
     }
