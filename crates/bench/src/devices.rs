@@ -312,7 +312,140 @@ pub fn net(frames: usize) -> Result<Vec<Throughput>, String> {
             baseline: rate(frames as f64, baseline),
         });
     }
+    out.extend(net_rx(&ns.0, frames)?);
     Ok(out)
+}
+
+/// Frames the receive benchmark has the host send before each timed
+/// drain: fewer than the TAP queues (its txqueuelen, 500 or more).
+const RX_BATCH: usize = 128;
+
+/// virtio-net receive against read(2) from the TAP. The host sends
+/// `RX_BATCH` UDP datagrams out of the TAP (untimed), then either reads
+/// them from the TAP or has the device move them into the guest's
+/// receive buffers (timed), until `frames` have been taken.
+fn net_rx(ns: &str, frames: usize) -> Result<Vec<Throughput>, String> {
+    ip(&["-n", ns, "addr", "add", "10.99.0.1/24", "dev", "flbench0"])?;
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "add",
+        "10.99.0.2",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "flbench0",
+    ])?;
+    let mut out = Vec::new();
+    // Ethernet + IPv4 + UDP headers are 42 bytes.
+    for (label, payload) in [(60, 18), (1514, 1472)] {
+        let data = vec![0x5au8; payload];
+        let tap = open_tap_in(ns, "flbench0")?;
+        let sock = udp_in(ns, "10.99.0.2:9")?;
+        let mut buf = vec![0u8; 65 * 1024];
+        let (mut taken, mut baseline) = (0, Duration::ZERO);
+        while taken < frames {
+            send_all(&sock, &data, RX_BATCH)?;
+            let start = Instant::now();
+            loop {
+                match std::io::Read::read(&mut { &tap }, &mut buf) {
+                    Ok(_) => taken += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(format!("TAP read: {e}")),
+                }
+            }
+            baseline += start.elapsed();
+        }
+        let base_frames = taken;
+        drop(tap);
+        let (device_frames, device) = time_virtio_net_rx(open_tap_in(ns, "flbench0")?, &sock, &data, frames)?;
+        out.push(Throughput {
+            what: format!("virtio-net RX ({label}-byte frames, TAP)"),
+            unit: "frames/s",
+            device: rate(device_frames as f64, device),
+            baseline: rate(base_frames as f64, baseline),
+        });
+    }
+    Ok(out)
+}
+
+/// A UDP socket made inside namespace `ns`, connected to `to`.
+fn udp_in(ns: &str, to: &str) -> Result<std::net::UdpSocket, String> {
+    let path = format!("/var/run/netns/{ns}");
+    let to = to.to_string();
+    std::thread::spawn(move || -> Result<std::net::UdpSocket, String> {
+        let f = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns: {e}"))?;
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("UDP socket: {e}"))?;
+        s.connect(&to).map_err(|e| format!("UDP connect {to}: {e}"))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| "socket thread panicked".to_string())?
+}
+
+fn send_all(sock: &std::net::UdpSocket, data: &[u8], n: usize) -> Result<(), String> {
+    for _ in 0..n {
+        sock.send(data).map_err(|e| format!("UDP send: {e}"))?;
+    }
+    Ok(())
+}
+
+fn time_virtio_net_rx(
+    tap: File,
+    sock: &std::net::UdpSocket,
+    data: &[u8],
+    frames: usize,
+) -> Result<(usize, Duration), String> {
+    const BUF: u32 = 2048;
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).map_err(|e| e.to_string())?;
+    let mut dev = Net::new(Box::new(tap), None, "bench").map_err(|e| e.to_string())?;
+    let mut rx = Driver::new(mem.clone());
+    // Only the RX queue is driven; TX gets an empty queue of its own.
+    let mut tx_queue = Driver::new(mem.clone()).queue()?;
+    tx_queue
+        .try_set_desc_table_address(GuestAddress(0x20_0000))
+        .map_err(|e| e.to_string())?;
+    tx_queue
+        .try_set_avail_ring_address(GuestAddress(0x21_0000))
+        .map_err(|e| e.to_string())?;
+    tx_queue
+        .try_set_used_ring_address(GuestAddress(0x22_0000))
+        .map_err(|e| e.to_string())?;
+    dev.activate(activation(&mem, vec![rx.queue()?, tx_queue]))
+        .map_err(|e| e.to_string())?;
+    const WRITE: u16 = 2;
+    for i in 0..QSIZE {
+        rx.desc(i, DATA + u64::from(BUF) * u64::from(i), BUF, WRITE, 0)?;
+    }
+    let mut elapsed = Duration::ZERO;
+    let mut next = 0u16;
+    let mut taken = 0;
+    while taken < frames {
+        // The guest's buffers for this batch (its driver's work, untimed).
+        for _ in 0..RX_BATCH {
+            rx.push(next % QSIZE)?;
+            next = next.wrapping_add(1);
+        }
+        send_all(sock, data, RX_BATCH)?;
+        let before = dev.stats().rx_frames;
+        let start = Instant::now();
+        dev.process_rx();
+        elapsed += start.elapsed();
+        let got = (dev.stats().rx_frames - before) as usize;
+        if got == 0 {
+            return Err("virtio-net received nothing".into());
+        }
+        taken += got;
+        // Buffers the batch left unused are given again next time: take
+        // the avail index back to what the device used.
+        rx.avail_idx = rx.avail_idx.wrapping_sub((RX_BATCH - got.min(RX_BATCH)) as u16);
+        next = next.wrapping_sub((RX_BATCH - got.min(RX_BATCH)) as u16);
+    }
+    Ok((taken, elapsed))
 }
 
 trait WriteFrame {

@@ -328,7 +328,10 @@ pub fn scatter(
             break;
         }
         let n = len.min(data.len() - done);
-        mem.write_slice(&data[done..done + n], addr)?;
+        match within_region(mem, addr, n) {
+            Some((region, at)) => region.write_slice(&data[done..done + n], at)?,
+            None => mem.write_slice(&data[done..done + n], addr)?,
+        }
         done += n;
     }
     Ok(())

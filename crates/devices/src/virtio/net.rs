@@ -22,8 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::chain::{
-    ChainError, Layout, add_used, avail_index, descriptors, descriptors_into, gather, pop_head, scatter,
-    take_head, total,
+    ChainError, Layout, add_used, avail_index, descriptors_into, gather, pop_head, scatter, take_head, total,
 };
 use super::{
     ActivateError, Activation, F_VERSION_1, TYPE_NET, VirtioDevice, VirtioInterrupt, read_config_bytes,
@@ -157,6 +156,8 @@ pub struct Net {
     /// The transmit chain being read, kept between frames (no allocation
     /// per frame).
     tx_chain: (Vec<virtio_queue::desc::split::Descriptor>, Layout),
+    /// The same for the receive chain being filled.
+    rx_chain: (Vec<virtio_queue::desc::split::Descriptor>, Layout),
     log: LogLimiter,
     stats: NetStats,
     rx_limiter: Option<RateLimiter>,
@@ -181,6 +182,7 @@ impl Net {
             tap_watched: false,
             tx_buf: vec![0; MAX_FRAME],
             tx_chain: Default::default(),
+            rx_chain: Default::default(),
             log: LogLimiter::new(format!("virtio-net {id}")),
             stats: NetStats::default(),
             rx_limiter: None,
@@ -380,22 +382,24 @@ impl Net {
                     return Delivery::NoBuffer;
                 }
             };
-            let written = match receive_buffer(&a.mem, &a.rx, head) {
-                Ok(regions) if total(&regions) >= frame.len() => match scatter(&a.mem, &regions, frame) {
+            let chain = receive_buffer(&a.mem, &a.rx, head, &mut self.rx_chain);
+            let regions = &self.rx_chain.1.writable;
+            let written = match chain {
+                Ok(()) if total(regions) >= frame.len() => match scatter(&a.mem, regions, frame) {
                     Ok(()) => Some(frame.len() as u32),
                     Err(e) => {
                         self.log.warn(format_args!("receive buffer: {e}"));
                         None
                     }
                 },
-                Ok(regions) => {
+                Ok(()) => {
                     self.log.warn(format_args!(
                         "receive buffer of {} bytes cannot hold a {}-byte frame; frame dropped",
-                        total(&regions),
+                        total(regions),
                         frame.len()
                     ));
                     self.stats.dropped += 1;
-                    let _ = a.rx.add_used(&a.mem, head, 0);
+                    let _ = add_used(&mut a.rx, &a.mem, head, 0);
                     return Delivery::Delivered;
                 }
                 Err(e) => {
@@ -408,7 +412,7 @@ impl Net {
             };
             match written {
                 Some(len) => {
-                    if let Err(e) = a.rx.add_used(&a.mem, head, len) {
+                    if let Err(e) = add_used(&mut a.rx, &a.mem, head, len) {
                         self.log
                             .warn(format_args!("cannot return descriptor {head}: {e}"));
                     }
@@ -419,7 +423,7 @@ impl Net {
                 // A bad chain is returned empty; the frame tries the next.
                 None => {
                     self.stats.dropped += 1;
-                    let _ = a.rx.add_used(&a.mem, head, 0);
+                    let _ = add_used(&mut a.rx, &a.mem, head, 0);
                 }
             }
         }
@@ -502,16 +506,20 @@ fn frame_of(
 
 /// The device-writable regions of the receive chain at `head` (a receive
 /// buffer has no device-readable part).
+/// Its regions are left in `chain`'s layout, kept between frames.
 fn receive_buffer(
     mem: &GuestMemoryMmap,
     queue: &Queue,
     head: u16,
-) -> Result<Vec<super::chain::Region>, ChainError> {
-    let layout = Layout::of(mem, &descriptors(mem, queue, head)?)?;
+    chain: &mut (Vec<virtio_queue::desc::split::Descriptor>, Layout),
+) -> Result<(), ChainError> {
+    let (descs, layout) = chain;
+    descriptors_into(mem, queue, head, descs)?;
+    layout.fill(mem, descs)?;
     if !layout.readable.is_empty() {
         return Err(ChainError::WrongDirection);
     }
-    Ok(layout.writable)
+    Ok(())
 }
 
 impl VirtioDevice for Net {
