@@ -48,6 +48,9 @@ pub struct Config {
     pub uid: u32,
     /// See `uid`.
     pub gid: u32,
+    /// Restore each container's VM from a template snapshot (booted once)
+    /// instead of booting it.
+    pub template: bool,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             state_dir: "/var/lib/flatlet-shim/state".into(),
             uid: 65534,
             gid: 65534,
+            template: true,
         }
     }
 }

@@ -99,11 +99,15 @@ pub fn tree_size(dir: &Path) -> u64 {
     total
 }
 
-/// Makes `image`, an ext4 file system holding the files under `dir`
-/// (owners and modes kept). Returns how long it took.
-pub fn build(dir: &Path, image: &Path) -> Result<Duration, ImageError> {
+/// The image size the files under `dir` need, with room to write.
+pub fn size_for(dir: &Path) -> u64 {
+    (tree_size(dir) * 5 / 4 + HEADROOM).div_ceil(1 << 20) << 20
+}
+
+/// Makes `image`, an ext4 file system of `size` bytes (sparse) holding the
+/// files under `dir` (owners and modes kept). Returns how long it took.
+pub fn build(dir: &Path, image: &Path, size: u64) -> Result<Duration, ImageError> {
     let start = Instant::now();
-    let size = (tree_size(dir) * 5 / 4 + HEADROOM).div_ceil(1 << 20) << 20;
     let _ = std::fs::remove_file(image);
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-t", "ext4", "-L", "rootfs", "-d"])
@@ -164,7 +168,7 @@ mod tests {
         std::os::unix::fs::symlink("hello", d.join("tree/bin/link")).unwrap();
         assert!(tree_size(&d.join("tree")) >= 21);
         let image = d.join("rootfs.ext4");
-        build(&d.join("tree"), &image).unwrap();
+        build(&d.join("tree"), &image, size_for(&d.join("tree"))).unwrap();
         assert!(std::fs::metadata(&image).unwrap().len() >= HEADROOM);
         let out = Command::new("debugfs")
             .args(["-R", "cat /bin/hello"])
@@ -178,7 +182,7 @@ mod tests {
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("Fast link dest: \"hello\""));
-        assert!(build(&d.join("missing"), &d.join("x.ext4")).is_err());
+        assert!(build(&d.join("missing"), &d.join("x.ext4"), HEADROOM).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -14,6 +14,7 @@ mod image;
 mod service;
 mod spec;
 mod stdio;
+mod template;
 mod vm;
 
 fn main() {

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::spec::{SANDBOX_ID_ANNOTATION, parse_process, read_bundle};
 use crate::stdio::{Input, Outputs};
 use crate::vm::{Vm, clean_jail, jail_id};
-use crate::{image, stdio};
+use crate::{image, stdio, template};
 
 /// The container's drive in the guest: the second virtio-blk device.
 const CONTAINER_DEVICE: &str = "/dev/vdb";
@@ -146,15 +146,30 @@ impl Service {
         std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
         image::mount_rootfs(&req.rootfs, &rootfs).map_err(|e| e.to_string())?;
         let disk = workdir.join("rootfs.ext4");
-        let built = image::build(&rootfs, &disk);
+        let needed = image::size_for(&rootfs);
+        let templated = config.template && needed <= template::DISK_SIZE;
+        let size = if templated { template::DISK_SIZE } else { needed };
+        let built = image::build(&rootfs, &disk, size);
         if !req.rootfs.is_empty() {
             image::unmount_rootfs(&rootfs);
         }
         let took = built.map_err(|e| e.to_string())?;
         log::info!("{}: rootfs image built in {} ms", req.id, took.as_millis());
+        // A template that cannot be had is a slower start, not a failure.
+        let template = templated.then(|| template::ensure(config)).and_then(|t| {
+            t.map_err(|e| log::warn!("{}: no template, booting: {e}", req.id))
+                .ok()
+        });
         let jail = jail_id(&self.inner.namespace, &req.id);
         clean_jail(&config.jailer, &config.jail_base, &jail).map_err(|e| e.to_string())?;
-        let vm = Vm::start(config, &jail, &disk, &workdir.join("console.log")).map_err(|e| e.to_string())?;
+        let vm = Vm::start(
+            config,
+            &jail,
+            &disk,
+            &workdir.join("console.log"),
+            template.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         let _ = std::fs::write(workdir.join("vmm.pid"), vm.pid().to_string());
         // The jail has its own link to the image.
         let _ = std::fs::remove_file(&disk);

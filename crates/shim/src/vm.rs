@@ -21,6 +21,9 @@ use crate::config::Config;
 
 /// The guest's vsock CID (one VM per flatlet: any value above 2).
 const GUEST_CID: u32 = 3;
+/// `PUT /snapshot/load` of a template, in the clone's jail.
+const SNAPSHOT_LOAD: &str = r#"{"snapshot_path": "/template.state",
+    "mem_backend": {"backend_type": "File", "backend_path": "/template.mem"}, "resume_vm": true}"#;
 /// The jailer's exec-file name, the jail's directory name under the base.
 const EXEC_NAME: &str = "flatlet";
 
@@ -78,7 +81,17 @@ pub struct Vm {
 impl Vm {
     /// Starts flatlet in its jail with `rootfs` as the container's drive;
     /// the console goes to `console`. Returns once the guest is started.
-    pub fn start(config: &Config, jail_id: &str, rootfs: &Path, console: &Path) -> Result<Self, VmError> {
+    /// With `template` (a directory holding `template.state` and
+    /// `template.mem`, see `crate::template`), the VM is restored from that
+    /// snapshot instead of booted; its drive paths and vsock socket are the
+    /// same paths inside this VM's own jail.
+    pub fn start(
+        config: &Config,
+        jail_id: &str,
+        rootfs: &Path,
+        console: &Path,
+        template: Option<&Path>,
+    ) -> Result<Self, VmError> {
         let root = jail_root(config, jail_id);
         let log = File::create(console).map_err(io(format!("creating {}", console.display())))?;
         let log2 = log.try_clone().map_err(io("the console log"))?;
@@ -112,7 +125,7 @@ impl Vm {
         };
         vm.watch(child);
         let shown = console.display().to_string();
-        if let Err(e) = vm.configure(config, rootfs, &shown) {
+        if let Err(e) = vm.configure(config, rootfs, &shown, template) {
             let _ = vm.stop();
             return Err(e);
         }
@@ -130,7 +143,13 @@ impl Vm {
         });
     }
 
-    fn configure(&self, config: &Config, rootfs: &Path, console: &str) -> Result<(), VmError> {
+    fn configure(
+        &self,
+        config: &Config,
+        rootfs: &Path,
+        console: &str,
+        template: Option<&Path>,
+    ) -> Result<(), VmError> {
         let api = self.root.join("api.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !api.exists() {
@@ -142,23 +161,19 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        link_or_copy(&config.kernel, &self.root.join("vmlinux"))?;
         link_or_copy(&config.agent_image, &self.root.join("agent.ext4"))?;
         let disk = self.root.join("rootfs.ext4");
         link_or_copy(rootfs, &disk)?;
         chown(&disk, Some(config.uid), Some(config.gid)).map_err(io(format!("chown {}", disk.display())))?;
-        let put = |path: &str, body: String| -> Result<(), VmError> {
-            let (status, reply) =
-                api_put(&api, path, &body).map_err(|e| VmError::Client(format!("PUT {path}: {e}")))?;
-            if status / 100 != 2 {
-                return Err(VmError::Api {
-                    path: path.to_string(),
-                    status,
-                    body: reply,
-                });
+        // Also for a restore: the saved configuration names the kernel.
+        link_or_copy(&config.kernel, &self.root.join("vmlinux"))?;
+        if let Some(dir) = template {
+            for f in ["template.state", "template.mem"] {
+                link_or_copy(&dir.join(f), &self.root.join(f))?;
             }
-            Ok(())
-        };
+            return self.api("PUT", "/snapshot/load", SNAPSHOT_LOAD);
+        }
+        let put = |path: &str, body: String| self.api("PUT", path, &body);
         put(
             "/machine-config",
             format!(
@@ -185,6 +200,36 @@ impl Vm {
             format!(r#"{{"guest_cid": {GUEST_CID}, "uds_path": "/v.sock"}}"#),
         )?;
         put("/actions", r#"{"action_type": "InstanceStart"}"#.into())
+    }
+
+    /// One API request that must succeed.
+    fn api(&self, method: &str, path: &str, body: &str) -> Result<(), VmError> {
+        let (status, reply) = api_call(&self.root.join("api.sock"), method, path, body)
+            .map_err(|e| VmError::Client(format!("{method} {path}: {e}")))?;
+        if status / 100 != 2 {
+            return Err(VmError::Api {
+                path: path.to_string(),
+                status,
+                body: reply,
+            });
+        }
+        Ok(())
+    }
+
+    /// Pauses the VM and writes a Full snapshot of it into `dir`
+    /// (`template.state`, `template.mem`, owned by the jail's user).
+    pub fn snapshot_to(&self, dir: &Path) -> Result<(), VmError> {
+        self.api("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+        self.api(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_type": "Full", "snapshot_path": "/template.state", "mem_file_path": "/template.mem"}"#,
+        )?;
+        for f in ["template.state", "template.mem"] {
+            std::fs::rename(self.root.join(f), dir.join(f))
+                .map_err(io(format!("moving {f} to {}", dir.display())))?;
+        }
+        Ok(())
     }
 
     /// flatlet's pid on the host (the jailer execs it).
@@ -249,14 +294,14 @@ pub fn clean_jail(jailer: &Path, base: &Path, jail_id: &str) -> Result<(), VmErr
     Ok(())
 }
 
-/// One `PUT` on flatlet's API socket (HTTP/1.1, `Connection: close`):
+/// One request on flatlet's API socket (HTTP/1.1, `Connection: close`):
 /// the status code and the body.
-fn api_put(sock: &Path, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+fn api_call(sock: &Path, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;

@@ -144,7 +144,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Nothing of a container is left: jails, per-container files, VMMs.
+/// Nothing of a container is left: jails, per-container files, VMMs (the
+/// template, in `<state_dir>/templates`, stays for the next container).
 fn assert_nothing_left(jail_base: &Path, state_dir: &Path) {
     let jails: Vec<_> = std::fs::read_dir(jail_base.join("flatlet"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -154,8 +155,10 @@ fn assert_nothing_left(jail_base: &Path, state_dir: &Path) {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(files.is_empty(), "per-container files left: {files:?}");
+    // flatlet in a jail runs as `flatlet --id <jail id> ...`; the jail ids
+    // of this test's containers and template.
     let ps = Command::new("pgrep")
-        .args(["-f", &jail_base.to_string_lossy()])
+        .args(["-f", "^flatlet --id (t[0-9]+|template)-"])
         .output()
         .unwrap();
     assert!(ps.stdout.is_empty(), "processes left: {}", text(&ps.stdout));
@@ -264,6 +267,20 @@ fn containerd_runs_containers_in_flatlet_vms() {
     assert_eq!(text(&out.stdout).trim(), "", "ctr run --rm removed the container");
     assert_nothing_left(&jail_base, &state_dir);
 
+    // The template the first container left: the next one is restored
+    // from it, not booted.
+    let (out, warm) = ctd.ctr_with_input(
+        &["run", "--rm", "--runtime", RUNTIME, IMAGE, "t3", "echo", "hello"],
+        b"",
+    );
+    eprintln!(
+        "containerd: a second ctr run --rm (from the template) took {:.1} s",
+        warm.as_secs_f64()
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\n");
+    assert_nothing_left(&jail_base, &state_dir);
+
     if std::env::var("FLATLET_CONTAINERD_FULL").is_ok_and(|v| v == "1") {
         detached_container(&ctd, &jail_base, &state_dir);
     }
@@ -273,7 +290,18 @@ fn containerd_runs_containers_in_flatlet_vms() {
 
 /// A second boot: a long-running container, an exec in it, ps, kill.
 fn detached_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
-    let out = ctd.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t2", "sleep", "3600"]);
+    // --null-io: a detached ctr exits, and nobody would read the FIFOs.
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t2",
+        "sleep",
+        "3600",
+    ]);
     assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
     let (out, _) = ctd.ctr_with_input(
         &[
