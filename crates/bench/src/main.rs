@@ -176,6 +176,17 @@ enum Cmd {
         /// The flatlet binary (default: the one next to flatlet-bench).
         #[arg(long)]
         flatlet: Option<PathBuf>,
+        /// Also the Linux guest (with --rootfs, from tools/build-linux-guest):
+        /// booted once, snapshotted at its shell, then spawn to the restored
+        /// shell answering a line, against runc starting /bin/true.
+        #[arg(long, requires = "rootfs")]
+        kernel: Option<PathBuf>,
+        /// The Linux guest's root file system image (copied).
+        #[arg(long, requires = "kernel")]
+        rootfs: Option<PathBuf>,
+        /// The OCI bundle tools/setup-bench made, for runc.
+        #[arg(long, default_value = "/var/tmp/flatlet-bench/bundle")]
+        bundle: PathBuf,
     },
     /// Measures one launch (used by the benchmarks themselves, so that each
     /// launch's resource usage is its own). Prints JSON.
@@ -302,6 +313,9 @@ fn main() -> ExitCode {
             phase_ms,
             firecracker,
             flatlet,
+            kernel,
+            rootfs,
+            bundle,
         } => match flatlet
             .map_or_else(|| sibling("flatlet"), Ok)
             .and_then(|flatlet| {
@@ -311,6 +325,11 @@ fn main() -> ExitCode {
                     runs,
                     clones,
                     phase_ms,
+                    linux: kernel.zip(rootfs).map(|(kernel, rootfs)| snapshot::Linux {
+                        kernel,
+                        rootfs,
+                        bundle,
+                    }),
                 })
             }) {
             Ok(figures) => {

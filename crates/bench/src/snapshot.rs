@@ -50,6 +50,134 @@ pub struct Plan {
     pub clones: usize,
     /// Pause this long after the heartbeat line, ms.
     pub phase_ms: u64,
+    /// The Linux guest part, when asked for.
+    pub linux: Option<Linux>,
+}
+
+/// The Linux guest part: a kernel and root file system (from
+/// `tools/build-linux-guest`), and the OCI bundle runc starts
+/// (`tools/setup-bench`).
+pub struct Linux {
+    /// The guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// Its root file system (copied; the copy is written to).
+    pub rootfs: PathBuf,
+    /// The busybox bundle runc runs `/bin/true` in.
+    pub bundle: PathBuf,
+}
+
+/// What the Linux part measured.
+#[derive(Clone, Debug, Default)]
+pub struct LinuxFigures {
+    /// Process start to the booted guest's shell waiting for a line, µs
+    /// (the one boot).
+    pub boot_us: f64,
+    /// `flatlet run --snapshot` spawned, a line written to its console, to
+    /// the restored guest's shell answering it, µs.
+    pub answer_us: Vec<f64>,
+    /// The same start to the guest kernel's echo of the line (its tty's
+    /// first byte), µs.
+    pub echo_us: Vec<f64>,
+    /// `runc run` of `/bin/true` in the busybox bundle, start to exit, µs.
+    pub runc_us: Vec<f64>,
+}
+
+/// The Linux guest's command: a shell that says it is ready, reads a
+/// line and answers it with its builtin echo.
+const LINUX_COMMAND: &str = "echo ready-$((6*7))&&read l&&echo answer-$l";
+/// How long the Linux guest may take to boot (guest ring 0 is emulated on
+/// the nested hosts).
+const LINUX_BOOT: Duration = Duration::from_secs(900);
+
+/// Boots the Linux guest once, snapshots it at its shell's `read`, then
+/// `runs` times: a restore answering a line, and runc starting
+/// `/bin/true`, interleaved.
+fn linux_runs(flatlet: &Path, linux: &Linux, runs: usize, dir: &Path) -> Result<LinuxFigures, String> {
+    let image = dir.join("linux-rootfs.ext4");
+    std::fs::copy(&linux.rootfs, &image).map_err(|e| format!("{}: {e}", linux.rootfs.display()))?;
+    let config = dir.join("linux.json");
+    let vm = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": linux.kernel.display().to_string(),
+            "boot_args": format!("console=ttyS0 reboot=k panic=1 -- {LINUX_COMMAND}"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "drives": [{
+            "drive_id": "rootfs",
+            "path_on_host": image.display().to_string(),
+            "is_root_device": true,
+            "is_read_only": false,
+        }],
+    });
+    std::fs::write(&config, vm.to_string()).map_err(|e| format!("{}: {e}", config.display()))?;
+    let (state, mem) = (dir.join("linux.state"), dir.join("linux.mem"));
+    let mut figures = LinuxFigures::default();
+    {
+        let config = config.display().to_string();
+        let sock = dir.join("linux.sock");
+        let argv = crate::api::api_argv(flatlet, &sock, &["--config-file", &config]);
+        eprintln!("flatlet-bench: booting the Linux guest (minutes on a nested host)");
+        let mut src = Running::serve("flatlet (Linux)", &argv, &sock)?;
+        let ready = src.wait_within("ready-42", LINUX_BOOT)?;
+        figures.boot_us = ready.duration_since(src.spawned).as_secs_f64() * 1e6;
+        // The shell prints its line, then reads: give it a moment to block.
+        std::thread::sleep(Duration::from_millis(500));
+        // The API closes a connection idle that long: a new one.
+        src.client = Some(Client::connect(&sock).map_err(|e| format!("{}: {e}", src.name))?);
+        src.call("PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+        let create = serde_json::json!({
+            "snapshot_type": "Full",
+            "snapshot_path": state.display().to_string(),
+            "mem_file_path": mem.display().to_string(),
+        });
+        src.call("PUT", "/snapshot/create", &create.to_string())?;
+    }
+    let restore = [
+        flatlet.display().to_string(),
+        "run".into(),
+        "--snapshot".into(),
+        state.display().to_string(),
+        "--mem".into(),
+        mem.display().to_string(),
+        "--log-level".into(),
+        "error".into(),
+    ];
+    let bundle = linux.bundle.display().to_string();
+    for run in 0..runs.max(1) {
+        eprintln!("flatlet-bench: Linux run {} of {}", run + 1, runs.max(1));
+        {
+            let mut guest = Running::start("flatlet (Linux restore)", &restore, Stdio::piped())?;
+            let line = format!("ping{run}");
+            if let Some(mut stdin) = guest.child.stdin.take() {
+                use std::io::Write;
+                stdin
+                    .write_all(format!("{line}\n").as_bytes())
+                    .map_err(|e| format!("writing to the restored guest's console: {e}"))?;
+            }
+            // The tty echoes the line first, then the shell answers.
+            let echoed = guest.wait_within(&line, WAIT)?;
+            figures
+                .echo_us
+                .push(echoed.duration_since(guest.spawned).as_secs_f64() * 1e6);
+            let answered = guest.wait_within(&format!("answer-{line}"), WAIT)?;
+            figures
+                .answer_us
+                .push(answered.duration_since(guest.spawned).as_secs_f64() * 1e6);
+        }
+        let argv = [
+            "runc".to_string(),
+            "run".into(),
+            "--bundle".into(),
+            bundle.clone(),
+            format!("fl-snap-runc-{}-{run}", std::process::id()),
+        ];
+        let m = crate::probe::in_fresh_process(&argv, "exit", WAIT)?;
+        if let Some(e) = m.error {
+            return Err(format!("runc: {e}"));
+        }
+        figures.runc_us.push(m.exit_us);
+    }
+    Ok(figures)
 }
 
 /// A VMM under test: flatlet, or Firecracker as `versus` runs it.
@@ -117,6 +245,8 @@ pub struct Figures {
     pub clones: usize,
     /// The pause's phase after the heartbeat line, ms.
     pub phase_ms: u64,
+    /// The Linux part's figures, when it ran.
+    pub linux: Option<LinuxFigures>,
 }
 
 /// A VMM process serving its API, its console (stdout) read by a thread
@@ -124,7 +254,7 @@ pub struct Figures {
 struct Running {
     name: &'static str,
     child: Child,
-    sock: PathBuf,
+    sock: Option<PathBuf>,
     spawned: Instant,
     console: Arc<Mutex<Console>>,
     client: Option<Client>,
@@ -147,16 +277,41 @@ impl Console {
 impl Running {
     /// Spawns `vmm` on `sock` and connects to its API.
     fn spawn(vmm: Vmm<'_>, sock: &Path) -> Result<Self, String> {
+        Self::serve(vmm.name(), &vmm.argv(sock), sock)
+    }
+
+    /// Spawns `argv`, which serves the API on `sock`, and connects to it.
+    fn serve(name: &'static str, argv: &[String], sock: &Path) -> Result<Self, String> {
         let _ = std::fs::remove_file(sock);
-        let argv = vmm.argv(sock);
+        let mut me = Self::start(name, argv, Stdio::null())?;
+        me.sock = Some(sock.to_path_buf());
+        let deadline = me.spawned + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("{}: the API socket never accepted", me.name));
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                return Err(format!("{}: exited before serving its API: {status}", me.name));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        me.client = Some(Client::connect(sock).map_err(|e| format!("{}: {e}", me.name))?);
+        Ok(me)
+    }
+
+    /// Spawns `argv` with its stdout read by a thread.
+    fn start(name: &'static str, argv: &[String], stdin: Stdio) -> Result<Self, String> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err("empty command".into());
+        };
         let spawned = Instant::now();
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
         let console = Arc::new(Mutex::new(Console::default()));
         if let Some(mut out) = child.stdout.take() {
             let c = console.clone();
@@ -175,26 +330,14 @@ impl Running {
                 }
             });
         }
-        let mut me = Self {
-            name: vmm.name(),
+        Ok(Self {
+            name,
             child,
-            sock: sock.to_path_buf(),
+            sock: None,
             spawned,
             console,
             client: None,
-        };
-        let deadline = spawned + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("{}: the API socket never accepted", me.name));
-            }
-            if let Ok(Some(status)) = me.child.try_wait() {
-                return Err(format!("{}: exited before serving its API: {status}", me.name));
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        me.client = Some(Client::connect(sock).map_err(|e| format!("{}: {e}", me.name))?);
-        Ok(me)
+        })
     }
 
     /// Sends a request that must succeed (2xx); returns its duration.
@@ -217,7 +360,12 @@ impl Running {
 
     /// Waits for `needle` on the console; when its first byte arrived.
     fn wait_for(&mut self, needle: &str) -> Result<Instant, String> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_within(needle, WAIT)
+    }
+
+    /// Waits at most `limit` for `needle` on the console.
+    fn wait_within(&mut self, needle: &str, limit: Duration) -> Result<Instant, String> {
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(c) = self.console.lock() {
                 if let Some(at) = c.text.find(needle).and_then(|pos| c.arrival(pos)) {
@@ -244,7 +392,9 @@ impl Drop for Running {
         self.client = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
+        if let Some(sock) = &self.sock {
+            let _ = std::fs::remove_file(sock);
+        }
     }
 }
 
@@ -410,8 +560,14 @@ pub fn run(plan: &Plan) -> Result<Figures, String> {
             one_run(*vmm, &dir.0, &guest, plan, side)?;
         }
     }
+    let linux = plan
+        .linux
+        .as_ref()
+        .map(|l| linux_runs(&plan.flatlet, l, plan.runs, &dir.0))
+        .transpose()?;
     let mut sides = sides.into_iter();
     Ok(Figures {
+        linux,
         flatlet: sides.next().unwrap_or_default(),
         firecracker: sides.next(),
         runs: plan.runs.max(1),
@@ -533,5 +689,40 @@ pub fn table(f: &Figures) -> String {
         failures(&f.flatlet),
         f.firecracker.as_ref().map_or_else(|| "-".into(), failures)
     );
+    if let Some(l) = &f.linux {
+        let answer = median(&l.answer_us);
+        let runc = median(&l.runc_us);
+        let ratio = answer.zip(runc).map(|(a, b)| a / b);
+        let _ = writeln!(
+            out,
+            "\nThe Linux guest (1 vCPU, 128 MiB), booted once in {:.1} s and snapshotted at its shell's `read`; \
+             median of {} runs, interleaved with runc",
+            l.boot_us / 1e6,
+            l.answer_us.len()
+        );
+        let _ = writeln!(
+            out,
+            "{:<36} {:>12} {:>12} {:>8} {:>14}",
+            "figure", "flatlet", "runc", "ratio", "target"
+        );
+        let _ = writeln!(
+            out,
+            "{:<36} {:>12} {:>12} {:>8} {:>14}",
+            "restored shell answers / runc true",
+            show(answer, Unit::Ms),
+            show(runc, Unit::Ms),
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.3}")),
+            ratio.map_or_else(
+                || "< 1".into(),
+                |r| format!("< 1 {}", if r < 1.0 { "met" } else { "missed" })
+            )
+        );
+        let _ = writeln!(
+            out,
+            "{:<36} {:>12}",
+            "restored kernel echoes the line",
+            show(median(&l.echo_us), Unit::Ms),
+        );
+    }
     out
 }
