@@ -16,6 +16,8 @@ use flatlet_agent_protocol::{
 const SOFTWARE: &str = concat!("containerd-shim-flatlet-v2 ", env!("CARGO_PKG_VERSION"));
 /// An ordinary request's answer (a nested guest is slow: seconds).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a refused connect to an agent that answered before is retried.
+const CONNECT_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -52,7 +54,23 @@ impl Agent {
     }
 
     /// A connection, past the vsock handshake and the version check.
-    fn open(&self, timeout: Option<Duration>) -> Result<UnixStream, AgentError> {
+    /// A connection; a connect the VM refuses (the guest did not accept
+    /// within flatlet's 2 s, as happens on a loaded nested host) is tried
+    /// again for up to `retry`.
+    fn open(&self, timeout: Option<Duration>, retry: Duration) -> Result<UnixStream, AgentError> {
+        let start = Instant::now();
+        loop {
+            match self.open_once(timeout) {
+                Err(AgentError::Refused(why)) if start.elapsed() < retry => {
+                    log::debug!("the agent's port refused ({why}); again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(&self, timeout: Option<Duration>) -> Result<UnixStream, AgentError> {
         let mut s = UnixStream::connect(&self.uds).map_err(|source| AgentError::Connect {
             path: self.uds.display().to_string(),
             source,
@@ -89,8 +107,13 @@ impl Agent {
         Ok(s)
     }
 
-    fn call_with(&self, request: &Request, timeout: Option<Duration>) -> Result<Response, AgentError> {
-        let mut s = self.open(timeout)?;
+    fn call_with(
+        &self,
+        request: &Request,
+        timeout: Option<Duration>,
+        retry: Duration,
+    ) -> Result<Response, AgentError> {
+        let mut s = self.open(timeout, retry)?;
         write_frame(&mut s, request)?;
         match read_frame(&mut s)? {
             Response::Error { message } => Err(AgentError::Failed(message)),
@@ -100,7 +123,7 @@ impl Agent {
 
     /// One request and its answer (errors from the agent are `Failed`).
     pub fn call(&self, request: &Request) -> Result<Response, AgentError> {
-        self.call_with(request, Some(REQUEST_TIMEOUT))
+        self.call_with(request, Some(REQUEST_TIMEOUT), CONNECT_RETRY)
     }
 
     /// A request answered by `Ok`.
@@ -117,7 +140,7 @@ impl Agent {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
         };
-        match self.call_with(&request, None)? {
+        match self.call_with(&request, None, CONNECT_RETRY)? {
             Response::Exited { status } => Ok(status),
             other => Err(AgentError::Unexpected(Box::new(other))),
         }
@@ -130,7 +153,7 @@ impl Agent {
         exec_id: &str,
         stream: Stream,
     ) -> Result<UnixStream, AgentError> {
-        let mut s = self.open(Some(REQUEST_TIMEOUT))?;
+        let mut s = self.open(Some(REQUEST_TIMEOUT), CONNECT_RETRY)?;
         let request = Request::Attach {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -152,7 +175,8 @@ impl Agent {
     pub fn wait_ready(&self, timeout: Duration, vm_alive: impl Fn() -> bool) -> Result<Duration, AgentError> {
         let start = Instant::now();
         loop {
-            if self.call_ok(&Request::Ping {}).is_ok() {
+            let ping = self.call_with(&Request::Ping {}, Some(REQUEST_TIMEOUT), Duration::ZERO);
+            if matches!(ping, Ok(Response::Ok {})) {
                 return Ok(start.elapsed());
             }
             if !vm_alive() {
@@ -276,9 +300,10 @@ mod tests {
         let uds = d.join("v.sock");
         let l = UnixListener::bind(&uds).unwrap();
         let h = std::thread::spawn(move || drop(l.accept().unwrap()));
+        // Refused, tried again, and then nobody listens at all.
         assert!(matches!(
             Agent::new(&uds).call(&Request::Ping {}),
-            Err(AgentError::Refused(_))
+            Err(AgentError::Connect { .. })
         ));
         h.join().unwrap();
         assert!(matches!(

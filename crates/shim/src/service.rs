@@ -232,29 +232,49 @@ impl Service {
                 [p.stdin.clone(), p.stdout.clone(), p.stderr.clone()],
             )
         };
-        let fail = |e: crate::agent::AgentError| err(Code::UNAVAILABLE, e);
         let [stdin, stdout, stderr] = paths;
         let mut outputs = Outputs::default();
         let mut stdin_handle = None;
-        if !stdin.is_empty() {
-            let s = c.agent.attach(&c.id, exec_id, Stream::Stdin).map_err(fail)?;
-            stdin_handle = stdio::relay_in(s, stdin);
-        }
-        for (path, stream) in [(stdout, Stream::Stdout), (stderr, Stream::Stderr)] {
-            if !path.is_empty() {
-                outputs.relay_out(c.agent.attach(&c.id, exec_id, stream).map_err(fail)?, path);
+        // Our own handles on the streams: a start that fails closes them, so
+        // that containerd's FIFOs end and nothing waits for a process that
+        // never ran.
+        let mut opened = Vec::new();
+        let started = (|| {
+            if !stdin.is_empty() {
+                let s = c.agent.attach(&c.id, exec_id, Stream::Stdin)?;
+                opened.extend(s.try_clone().ok());
+                stdin_handle = stdio::relay_in(s, stdin);
             }
-        }
-        let request = Request::StartProcess {
-            container_id: c.id.clone(),
-            exec_id: exec_id.into(),
-            process: spec,
-        };
-        match c.agent.call(&request).map_err(fail)? {
-            Response::Started { pid } => {
+            for (path, stream) in [(stdout, Stream::Stdout), (stderr, Stream::Stderr)] {
+                if !path.is_empty() {
+                    let s = c.agent.attach(&c.id, exec_id, stream)?;
+                    opened.extend(s.try_clone().ok());
+                    outputs.relay_out(s, path);
+                }
+            }
+            let request = Request::StartProcess {
+                container_id: c.id.clone(),
+                exec_id: exec_id.into(),
+                process: spec,
+            };
+            c.agent.call(&request)
+        })();
+        match started {
+            Ok(Response::Started { pid }) => {
                 log::info!("{}: process {exec_id:?} is pid {pid} in the guest", c.id)
             }
-            other => return Err(err(Code::INTERNAL, format!("the agent answered {other:?}"))),
+            failed => {
+                for s in &opened {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                let message = match failed {
+                    Err(e) => e.to_string(),
+                    Ok(other) => format!("the agent answered {other:?}"),
+                };
+                log::error!("{}: starting {exec_id:?}: {message}", c.id);
+                self.mark_exited(c, exec_id, 255);
+                return Err(err(Code::UNAVAILABLE, message));
+            }
         }
         if let Some(p) = c.procs().get_mut(exec_id) {
             p.status = Status::RUNNING;
