@@ -570,7 +570,18 @@ impl containerd_shim::Task for Service {
             signal: req.signal as i32,
             all: req.all,
         };
-        c.agent.call_ok(&request).map_err(|e| err(Code::UNAVAILABLE, e))?;
+        if let Err(e) = c.agent.call_ok(&request) {
+            // SIGKILL for the container's first process must work even when
+            // the agent cannot be reached: ending the VM ends the container.
+            if req.signal != 9 || !req.exec_id.is_empty() {
+                return Err(err(Code::UNAVAILABLE, e));
+            }
+            log::warn!("{}: the agent did not take SIGKILL ({e}); ending the VM", c.id);
+            self.mark_exited(&c, "", 128 + 9);
+            if let Err(e) = c.vm.stop() {
+                log::error!("{}: {e}", c.id);
+            }
+        }
         Ok(api::Empty::new())
     }
 

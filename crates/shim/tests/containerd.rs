@@ -95,8 +95,10 @@ impl Containerd {
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
+        // A hung VM fails the test instead of holding it (and CI) forever.
+        let mut cmd = Command::new("timeout");
+        cmd.args(["--kill-after=10", "900", "ctr"])
+            .arg("--address")
             .arg(self.dir.join("containerd.sock"))
             .args(args);
         cmd
