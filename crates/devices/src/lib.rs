@@ -14,4 +14,5 @@ pub mod irq;
 pub mod rate_limiter;
 pub mod ratelimit;
 pub mod serial;
+pub mod timer;
 pub mod virtio;

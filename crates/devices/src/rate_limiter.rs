@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::timerfd::TimerFd;
+use crate::timer::Timer;
 
 /// One bucket's settings (Firecracker's `TokenBucket` body).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,7 +144,7 @@ pub struct RateLimiter {
     bandwidth: Option<Bucket>,
     ops: Option<Bucket>,
     clock: Clock,
-    timer: TimerFd,
+    timer: Timer,
     blocked: bool,
     throttled: u64,
 }
@@ -161,7 +161,7 @@ impl RateLimiter {
         ops: Option<BucketConfig>,
         clock: Clock,
     ) -> io::Result<Self> {
-        let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        let timer = Timer::new()?;
         let now = clock.now_ns();
         let bucket = |c: Option<BucketConfig>| c.filter(|c| c.size > 0).map(|c| Bucket::new(c, now));
         Ok(Self {
@@ -216,7 +216,7 @@ impl RateLimiter {
     }
 
     /// The timer's descriptor, for the event loop.
-    pub fn timer(&self) -> &TimerFd {
+    pub fn timer(&self) -> &Timer {
         &self.timer
     }
 
@@ -224,7 +224,7 @@ impl RateLimiter {
     pub fn on_timer(&mut self) {
         if self.blocked {
             // Expired, so it does not block; the count is not needed.
-            let _ = self.timer.wait();
+            self.timer.consume();
         }
         self.blocked = false;
     }

@@ -11,10 +11,10 @@ use std::time::Duration;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use flatlet_devices::bus::lock;
 use flatlet_devices::serial::Serial;
+use flatlet_devices::timer::Timer;
 use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::timerfd::TimerFd;
 
 use crate::controller::{Controller, ControllerError, Request, Response};
 use crate::exit::{ExitSignal, VmExit};
@@ -88,7 +88,7 @@ impl Runtime {
         let stop = Arc::new(ExitSignal::new()?);
         em.add_subscriber(Box::new(StopWatch { stop: stop.clone() }));
         let metrics_due = Arc::new(AtomicBool::new(false));
-        let mut timer = TimerFd::new()?;
+        let timer = Timer::new()?;
         let period = Duration::from_secs(FLUSH_INTERVAL_SECS);
         timer.reset(period, Some(period))?;
         em.add_subscriber(Box::new(MetricsTimer {
@@ -241,13 +241,13 @@ impl MutEventSubscriber for Wake {
 
 /// Marks metrics due every minute.
 struct MetricsTimer {
-    timer: TimerFd,
+    timer: Timer,
     due: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for MetricsTimer {
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.timer.wait();
+        self.timer.consume();
         self.due.store(true, Ordering::Relaxed);
     }
 

@@ -27,11 +27,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{Layout, descriptors, pop_head, scatter, total};
 use super::{ActivateError, Activation, F_VERSION_1, VirtioDevice, VirtioInterrupt, read_config_bytes};
 use crate::ratelimit::LogLimiter;
+use crate::timer::Timer;
 use muxer::Muxer;
 pub use muxer::{MAX_CONNECTIONS, MuxerError, Watch, bind};
 use packet::{PacketError, read_tx, rx_buffer};
@@ -58,9 +58,6 @@ pub enum VsockError {
     /// An eventfd or timer could not be made.
     #[error("vsock: {0}")]
     Io(#[from] io::Error),
-    /// The timer could not be made.
-    #[error("vsock timer: {0}")]
-    Timer(#[from] vmm_sys_util::errno::Error),
 }
 
 struct Active {
@@ -75,7 +72,7 @@ pub struct Vsock {
     queue_evts: [EventFd; 3],
     queue_sizes: [u16; 3],
     kick: EventFd,
-    timer: TimerFd,
+    timer: Timer,
     timer_armed: bool,
     active: Option<Active>,
     muxer: Muxer,
@@ -92,7 +89,7 @@ impl Vsock {
             queue_evts: [evt()?, evt()?, evt()?],
             queue_sizes: [QUEUE_SIZE; 3],
             kick: evt()?,
-            timer: TimerFd::new()?,
+            timer: Timer::new()?,
             timer_armed: false,
             active: None,
             log: LogLimiter::new(format!("vsock cid {cid}")),
@@ -277,7 +274,7 @@ impl Vsock {
         } else if fd == self.queue_evts[EV].as_raw_fd() {
             let _ = self.queue_evts[EV].read();
         } else if fd == self.timer.as_raw_fd() {
-            let _ = self.timer.wait();
+            self.timer.consume();
             self.muxer.expire(now, w);
         } else if self.active.is_some() {
             self.muxer.on_event(fd, set, now, w);
