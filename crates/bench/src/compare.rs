@@ -94,6 +94,8 @@ pub struct Setup {
     pub linux: Option<(PathBuf, PathBuf)>,
     /// Firecracker's command line booting flatlet's test guest, if given.
     pub firecracker: Option<Vec<String>>,
+    /// containerd's socket and an image imported there, for `ctr run`.
+    pub containerd: Option<(String, String)>,
 }
 
 /// Every contender, those that cannot run here marked missing.
@@ -249,6 +251,33 @@ pub fn contenders(setup: &Setup) -> Vec<Contender> {
             .then(|| format!("{jailer} not found"))
             .or(not_root),
     });
+    if let Some((address, image)) = &setup.containerd {
+        for (name, runtime) in [
+            ("ctr+runc", "io.containerd.runc.v2"),
+            ("ctr+flatlet", "io.containerd.flatlet.v2"),
+        ] {
+            list.push(Contender {
+                name: name.into(),
+                what: format!("ctr run --rm --runtime {runtime} {image} /bin/true (containerd at {address})"),
+                argv: vec![
+                    "ctr".into(),
+                    "--address".into(),
+                    address.clone(),
+                    "run".into(),
+                    "--rm".into(),
+                    "--null-io".into(),
+                    "--runtime".into(),
+                    runtime.into(),
+                    image.clone(),
+                    format!("fl-{name}-{{n}}").replace('+', "-"),
+                    "/bin/true".into(),
+                ],
+                ready: "exit".into(),
+                cleanup: None,
+                missing: missing_tool("ctr", "containerd"),
+            });
+        }
+    }
     if let Some((kernel, rootfs)) = &setup.linux {
         list.push(Contender {
             name: "flatlet+linux".into(),
@@ -439,4 +468,43 @@ pub fn sweep(contenders: &[Contender], plan: &Plan) -> (Vec<SweepPoint>, Vec<Str
     }
     pb.finish_and_clear();
     (points, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn setup(containerd: Option<(String, String)>) -> Setup {
+        Setup {
+            flatlet: PathBuf::from("/nonexistent/flatlet"),
+            jailer: PathBuf::from("/nonexistent/flatlet-jailer"),
+            bundle: PathBuf::from("/nonexistent/bundle"),
+            jail_dir: PathBuf::from("/nonexistent/jails"),
+            linux: None,
+            firecracker: None,
+            containerd,
+        }
+    }
+
+    #[test]
+    fn containerd_contenders_run_the_image_with_each_runtime() {
+        assert!(!contenders(&setup(None)).iter().any(|c| c.name.starts_with("ctr")));
+        let list = contenders(&setup(Some(("/run/c.sock".into(), "img:1".into()))));
+        for (name, runtime) in [
+            ("ctr+runc", "io.containerd.runc.v2"),
+            ("ctr+flatlet", "io.containerd.flatlet.v2"),
+        ] {
+            let c = list.iter().find(|c| c.name == name).unwrap();
+            let argv = c.argv_for(7);
+            let at = argv.iter().position(|a| a == "--runtime").unwrap();
+            assert_eq!(argv[at + 1], runtime);
+            assert_eq!(
+                &argv[at + 2..],
+                ["img:1", &format!("fl-{}-7", name.replace('+', "-")), "/bin/true"]
+            );
+            assert_eq!(argv[..3], ["ctr", "--address", "/run/c.sock"]);
+            assert_eq!(c.ready, "exit");
+        }
+    }
 }

@@ -106,6 +106,16 @@ enum Cmd {
         /// process,flatlet,firecracker).
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<String>>,
+        /// An image imported in containerd (e.g. the one
+        /// tools/build-oci-image makes): contenders `ctr run --rm` of
+        /// /bin/true with runc (io.containerd.runc.v2) and with flatlet's
+        /// shim (io.containerd.flatlet.v2; seconds per container on nested
+        /// hosts: use few --runs and --sweep 1).
+        #[arg(long, value_name = "IMAGE")]
+        containerd_image: Option<String>,
+        /// containerd's socket, for --containerd-image.
+        #[arg(long, value_name = "PATH", default_value = "/run/containerd/containerd.sock")]
+        containerd_address: String,
     },
     /// Throughput of the virtio device models without a guest, against the
     /// plain system calls they wrap (virtio-blk vs pread/pwrite on tmpfs,
@@ -243,6 +253,8 @@ fn main() -> ExitCode {
             flatlet,
             firecracker,
             only,
+            containerd_image,
+            containerd_address,
         } => {
             let plan = compare::Plan {
                 runs: runs.unwrap_or(if quick { 5 } else { 20 }),
@@ -255,7 +267,9 @@ fn main() -> ExitCode {
                     }
                 }),
                 sweep_rounds: sweep_rounds.unwrap_or(if quick { 1 } else { 3 }),
-                timeout: Duration::from_secs(120),
+                // A first flatlet container builds the shim's template
+                // (a Linux boot, minutes on nested hosts).
+                timeout: Duration::from_secs(if containerd_image.is_some() { 900 } else { 120 }),
             };
             let opts = CompareOptions {
                 bundle,
@@ -263,6 +277,7 @@ fn main() -> ExitCode {
                 flatlet,
                 firecracker,
                 only,
+                containerd: containerd_image.map(|image| (containerd_address, image)),
             };
             match run_compare(&plan, &out, opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -672,6 +687,7 @@ struct CompareOptions {
     flatlet: Option<PathBuf>,
     firecracker: Option<PathBuf>,
     only: Option<Vec<String>>,
+    containerd: Option<(String, String)>,
 }
 
 fn run_compare(plan: &compare::Plan, out: &std::path::Path, opts: CompareOptions) -> Result<(), String> {
@@ -692,6 +708,7 @@ fn run_compare(plan: &compare::Plan, out: &std::path::Path, opts: CompareOptions
         jail_dir: jail_dir.clone(),
         linux: opts.linux,
         firecracker: fc.as_ref().map(versus::Firecracker::launch_argv),
+        containerd: opts.containerd,
     };
     let mut contenders = compare::contenders(&setup);
     if let Some(only) = &opts.only {
