@@ -482,7 +482,8 @@ mod tests {
             track_dirty_pages: true,
             ..machine(1, 128)
         };
-        assert!(matches!(dirty.validate(&HOST), Err(ConfigError::Unsupported(_))));
+        // Dirty-page tracking is supported (Diff snapshots).
+        assert_eq!(dirty.validate(&HOST), Ok(()));
         let template = MachineConfig {
             cpu_template: Some("T2".into()),
             ..machine(1, 128)
