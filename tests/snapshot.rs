@@ -83,14 +83,7 @@ fn a_restored_vm_keeps_its_drive_and_its_nic_on_another_tap() {
         "/boot-source",
         Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
     );
-    src.ok(
-        "PUT",
-        "/drives/data",
-        Some(&format!(
-            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
-            drive.display()
-        )),
-    );
+    src.put_drive("data", &drive);
     src.ok(
         "PUT",
         "/network-interfaces/eth0",
@@ -585,14 +578,7 @@ fn a_placeholder_drive_is_pointed_at_another_image_after_restore() {
         "/boot-source",
         Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
     );
-    src.ok(
-        "PUT",
-        "/drives/work",
-        Some(&format!(
-            r#"{{"drive_id": "work", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
-            placeholder.display()
-        )),
-    );
+    src.put_drive("work", &placeholder);
     src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
     src.wait_console(
         "flatlet-guest: blk: heartbeat 1 read: flatlet-guest-was-here",

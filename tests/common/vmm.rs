@@ -110,6 +110,18 @@ impl Vmm {
         assert!(msg.contains(needle), "{method} {path}: {msg:?} lacks {needle:?}");
     }
 
+    /// `PUT /drives/<id>`: a writable, non-root drive on `path`.
+    pub fn put_drive(&self, id: &str, path: &std::path::Path) {
+        self.ok(
+            "PUT",
+            &format!("/drives/{id}"),
+            Some(&format!(
+                r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+                path.display()
+            )),
+        );
+    }
+
     pub fn boot_source(&self, args: &str) -> String {
         format!(
             r#"{{"kernel_image_path": "{}", "boot_args": "{args}"}}"#,
