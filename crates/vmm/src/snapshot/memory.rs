@@ -91,70 +91,86 @@ pub fn write_memory(
     let mut written = 0u64;
     let mut file_base = 0u64;
     let mut buf = vec![0u8; MAX_RUN];
-    let mut on_file = vec![0u8; PAGE];
+    // What the file holds where a Diff may write (read a run at a time).
+    let mut on_file = match mode {
+        WriteMode::Diff { .. } => vec![0u8; MAX_RUN],
+        WriteMode::Full => Vec::new(),
+    };
     for (index, region) in memory.iter().enumerate() {
         let candidates = candidate_pages(region);
-        let dirty = match mode {
-            WriteMode::Diff { dirty } => dirty.get(index),
-            WriteMode::Full => None,
-        };
-        let mut page = 0usize;
-        while page < candidates.len() {
-            if !candidates[page] {
-                page += 1;
-                continue;
-            }
-            // A run of candidate pages, read at once, written page by page.
-            let mut end = page;
-            while end < candidates.len() && candidates[end] && (end - page) * PAGE < MAX_RUN {
-                end += 1;
-            }
+        for (page, end) in runs(&candidates) {
             let offset = (page * PAGE) as u64;
             let len = ((end - page) * PAGE).min(region.len() as usize - page * PAGE);
             let addr = region.start_addr().0 + offset;
+            let run = &mut buf[..len];
             memory
-                .read_slice(&mut buf[..len], GuestAddress(addr))
+                .read_slice(run, GuestAddress(addr))
                 .map_err(|e| MemoryFileError::Guest {
                     addr,
                     reason: e.to_string(),
                 })?;
-            // Pages to write next to each other go in one write.
-            let run_at = file_base + offset;
-            let mut pending: Option<(usize, usize)> = None;
-            for (i, chunk) in buf[..len].chunks(PAGE).enumerate() {
-                let at = run_at + (i * PAGE) as u64;
-                let write = match mode {
-                    WriteMode::Full => chunk.iter().any(|b| *b != 0),
-                    WriteMode::Diff { .. } if bit(dirty, page + i) => true,
-                    WriteMode::Diff { .. } => {
-                        let old = &mut on_file[..chunk.len()];
-                        file.read_exact_at(old, at).map_err(io)?;
-                        old != chunk
-                    }
-                };
-                let here = i * PAGE;
-                pending = match (write, pending) {
-                    (true, Some((from, to))) => Some((from, to + chunk.len())),
-                    (true, None) => Some((here, here + chunk.len())),
-                    (false, Some((from, to))) => {
-                        file.write_all_at(&buf[from..to], run_at + from as u64)
-                            .map_err(io)?;
-                        written += (to - from) as u64;
-                        None
-                    }
-                    (false, None) => None,
-                };
+            let at = file_base + offset;
+            written += match mode {
+                WriteMode::Full => write_pages(file, run, at, |_, new| new.iter().any(|b| *b != 0)),
+                WriteMode::Diff { dirty } => {
+                    let old = &mut on_file[..len];
+                    file.read_exact_at(old, at).map_err(io)?;
+                    write_pages(file, run, at, |i, new| {
+                        bit(dirty.get(index), page + i) || old[i * PAGE..i * PAGE + new.len()] != *new
+                    })
+                }
             }
-            if let Some((from, to)) = pending {
-                file.write_all_at(&buf[from..to], run_at + from as u64)
-                    .map_err(io)?;
-                written += (to - from) as u64;
-            }
-            page = end;
+            .map_err(io)?;
         }
         file_base += region.len();
     }
     file.sync_data().map_err(io)?;
+    Ok(written)
+}
+
+/// The runs of set flags in `pages`, each at most [`MAX_RUN`] bytes: (first
+/// page, page after the last).
+fn runs(pages: &[bool]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut page = 0;
+    std::iter::from_fn(move || {
+        while page < pages.len() && !pages[page] {
+            page += 1;
+        }
+        if page == pages.len() {
+            return None;
+        }
+        let start = page;
+        while page < pages.len() && pages[page] && (page - start) * PAGE < MAX_RUN {
+            page += 1;
+        }
+        Some((start, page))
+    })
+}
+
+/// Writes the pages of `run` (at `at` in the file) that `pick` chooses
+/// (given each page's index in the run and its bytes), adjacent ones in
+/// one write; returns the bytes written.
+fn write_pages(
+    file: &File,
+    run: &[u8],
+    at: u64,
+    pick: impl Fn(usize, &[u8]) -> bool,
+) -> std::io::Result<u64> {
+    let mut written = 0u64;
+    let mut from: Option<usize> = None;
+    let chunks = run.chunks(PAGE).map(Some).chain(std::iter::once(None));
+    for (i, chunk) in chunks.enumerate() {
+        let here = (i * PAGE).min(run.len());
+        match (chunk.is_some_and(|c| pick(i, c)), from) {
+            (true, None) => from = Some(here),
+            (false, Some(f)) => {
+                file.write_all_at(&run[f..here], at + f as u64)?;
+                written += (here - f) as u64;
+                from = None;
+            }
+            _ => {}
+        }
+    }
     Ok(written)
 }
 
@@ -269,6 +285,19 @@ mod tests {
             Err(MemoryFileError::Size { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runs_are_the_set_pages_cut_at_the_largest_write() {
+        let pages = [false, true, true, false, true];
+        assert_eq!(runs(&pages).collect::<Vec<_>>(), [(1, 3), (4, 5)]);
+        let per_run = MAX_RUN / PAGE;
+        let long = vec![true; per_run + 1];
+        assert_eq!(
+            runs(&long).collect::<Vec<_>>(),
+            [(0, per_run), (per_run, per_run + 1)]
+        );
+        assert_eq!(runs(&[false; 3]).count(), 0);
     }
 
     #[test]
