@@ -528,12 +528,20 @@ impl Controller {
             restore: None,
         };
         let vm = vm::build(&self.config, ctx)?;
-        // Before the event loop runs again, so before any frame is moved.
-        if let Some(c) = &self.config.mmds {
-            mmds::attach(&vm, c, &self.mmds);
-        }
+        self.attach_mmds(&vm, &self.config);
         self.state = State::Running(vm);
         Ok(Response::Empty)
+    }
+
+    /// Puts MMDS on the interfaces `config` names (with the version it
+    /// gives: a loaded VM's configuration never went through `PUT
+    /// /mmds/config`), before the event loop runs again, so before any
+    /// frame is moved.
+    fn attach_mmds(&self, vm: &Vm, config: &VmConfig) {
+        if let Some(c) = &config.mmds {
+            mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+            mmds::attach(vm, c, &self.mmds);
+        }
     }
 
     fn load_snapshot(
@@ -557,6 +565,11 @@ impl Controller {
             ));
         }
         let mem_path = p.mem_path().map_err(ControllerError::State)?;
+        if p.huge_pages == Some(LoadHugePages::Hugetlbfs2M) {
+            return Err(ControllerError::State(
+                "huge_pages \"2M\" needs a Uffd memory backend, which flatlet does not have.",
+            ));
+        }
         let t = std::time::Instant::now();
         let state: MicrovmState =
             format::read(&p.snapshot_path).map_err(|e| ControllerError::Snapshot(e.to_string()))?;
@@ -575,14 +588,10 @@ impl Controller {
         }
         let mut config = self.config.clone();
         config.machine.huge_pages = match p.huge_pages {
-            None | Some(LoadHugePages::Snapshot) => saved.machine.huge_pages,
             Some(LoadHugePages::None) => HugePages::None,
             Some(LoadHugePages::Transparent) => HugePages::Transparent,
-            Some(LoadHugePages::Hugetlbfs2M) => {
-                return Err(ControllerError::State(
-                    "huge_pages \"2M\" needs a Uffd memory backend, which flatlet does not have.",
-                ));
-            }
+            // (2M was refused above.)
+            _ => saved.machine.huge_pages,
         };
         config.machine.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         config.machine.irqchip = saved.machine.irqchip;
@@ -607,10 +616,7 @@ impl Controller {
             }),
         };
         let vm = vm::build(&config, ctx)?;
-        if let Some(c) = &config.mmds {
-            mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
-            mmds::attach(&vm, c, &self.mmds);
-        }
+        self.attach_mmds(&vm, &config);
         self.config = config;
         info!("snapshot loaded in {} us", t.elapsed().as_micros());
         // Without resume_vm the vCPUs were started paused: they have run
