@@ -38,12 +38,8 @@ fn pause_and_snapshot(vmm: &Vmm) -> (PathBuf, PathBuf) {
 /// files until it is dropped), the state and the memory file.
 fn snapshot_after_heartbeat(tag: &str, beat: usize) -> (Vmm, PathBuf, PathBuf) {
     let mut src = Vmm::start(tag);
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.put_boot("console=ttyS0 flatlet.stay");
+    src.instance_start();
     src.wait_console(
         &format!("flatlet-guest: heartbeat {beat}"),
         Duration::from_secs(30),
@@ -78,18 +74,14 @@ fn a_restored_vm_keeps_its_drive_and_its_nic_on_another_tap() {
     let mut image = vec![0u8; 1 << 20];
     image[..4].copy_from_slice(b"DISK");
     std::fs::write(&drive, &image).unwrap();
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
-    );
+    src.put_boot("console=ttyS0 flatlet.stay flatlet.beatio");
     src.put_drive("data", &drive);
     src.ok(
         "PUT",
         "/network-interfaces/eth0",
         Some(r#"{"iface_id": "eth0", "host_dev_name": "fltapa", "guest_mac": "06:00:0a:00:02:0f"}"#),
     );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.instance_start();
     src.wait_console("flatlet-guest: net: heartbeat 2 sent", Duration::from_secs(30));
     let (state, mem) = pause_and_snapshot(&src);
     src.child.kill().unwrap();
@@ -180,12 +172,8 @@ fn create_a_full_snapshot_of_the_paused_test_guest() {
         "/machine-config",
         Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
     );
-    vmm.ok(
-        "PUT",
-        "/boot-source",
-        Some(&vmm.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    vmm.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    vmm.put_boot("console=ttyS0 flatlet.stay");
+    vmm.instance_start();
     vmm.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
     vmm.fault("PUT", "/snapshot/create", Some(&body), "pause it first");
     vmm.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
@@ -235,12 +223,8 @@ fn a_loaded_snapshot_goes_on_where_it_stopped() {
         "/machine-config",
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
     );
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.put_boot("console=ttyS0 flatlet.stay");
+    src.instance_start();
     src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
     src.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(src.heartbeats(), 2, "paused right after heartbeat 2");
@@ -425,12 +409,8 @@ fn two_diffs_on_one_base_restore_to_the_state_of_the_last() {
         "/machine-config",
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#),
     );
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.put_boot("console=ttyS0 flatlet.stay");
+    src.instance_start();
     let mut states = Vec::new();
     for (n, kind) in [(1, "Full"), (2, "Diff"), (3, "Diff")] {
         src.wait_console(&format!("flatlet-guest: heartbeat {n}"), Duration::from_secs(30));
@@ -519,12 +499,8 @@ fn a_restored_vsock_device_serves_new_connections_on_its_override_socket() {
         "/vsock",
         Some(&format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display())),
     );
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.vsock=echo:5000")),
-    );
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.put_boot("console=ttyS0 flatlet.stay flatlet.vsock=echo:5000");
+    src.instance_start();
     src.wait_console("vsock: echo on port 5000", Duration::from_secs(30));
     // A connection open across the snapshot: it ends with the source.
     let mut before = vsock_connect(&uds, 5000);
@@ -573,13 +549,9 @@ fn a_placeholder_drive_is_pointed_at_another_image_after_restore() {
     let mut src = Vmm::start("snapshot-placeholder-src");
     let placeholder = src.sock.with_file_name("placeholder.img");
     std::fs::write(&placeholder, vec![0u8; 64 << 10]).unwrap();
-    src.ok(
-        "PUT",
-        "/boot-source",
-        Some(&src.boot_source("console=ttyS0 flatlet.stay flatlet.beatio")),
-    );
+    src.put_boot("console=ttyS0 flatlet.stay flatlet.beatio");
     src.put_drive("work", &placeholder);
-    src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    src.instance_start();
     src.wait_console(
         "flatlet-guest: blk: heartbeat 1 read: flatlet-guest-was-here",
         Duration::from_secs(30),
@@ -625,12 +597,8 @@ fn vms_on_kvms_irqchip_are_saved_and_restored_too() {
                 r#"{{"vcpu_count": 2, "mem_size_mib": 64, "irqchip": "{mode}"}}"#
             )),
         );
-        src.ok(
-            "PUT",
-            "/boot-source",
-            Some(&src.boot_source("console=ttyS0 flatlet.stay")),
-        );
-        src.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+        src.put_boot("console=ttyS0 flatlet.stay");
+        src.instance_start();
         src.wait_console("flatlet-guest: heartbeat 2", Duration::from_secs(30));
         let (state, mem) = pause_and_snapshot(&src);
         src.child.kill().unwrap();

@@ -110,6 +110,16 @@ impl Vmm {
         assert!(msg.contains(needle), "{method} {path}: {msg:?} lacks {needle:?}");
     }
 
+    /// `PUT /boot-source`: the test guest with `args`.
+    pub fn put_boot(&self, args: &str) {
+        self.ok("PUT", "/boot-source", Some(&self.boot_source(args)));
+    }
+
+    /// `InstanceStart`.
+    pub fn instance_start(&self) {
+        self.ok("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    }
+
     /// `PUT /drives/<id>`: a writable, non-root drive on `path`.
     pub fn put_drive(&self, id: &str, path: &std::path::Path) {
         self.ok(
