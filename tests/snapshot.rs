@@ -622,3 +622,93 @@ fn vms_on_kvms_irqchip_are_saved_and_restored_too() {
         assert_eq!(code, Some(0), "{mode}: {}", dst.console.lock().unwrap());
     }
 }
+
+/// The numbers of the complete `flood N` lines on a console.
+fn flood_numbers(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("flatlet-guest: flood ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_flooding_guest_is_snapshotted_while_clients_hammer_the_api() {
+    if !kvm_or_skip("a_flooding_guest_is_snapshotted_while_clients_hammer_the_api") {
+        return;
+    }
+    let mut src = Vmm::start("snapshot-flood-src");
+    src.put_boot("console=ttyS0 flatlet.flood");
+    src.instance_start();
+    src.wait_console("flatlet-guest: flood 100 ", Duration::from_secs(30));
+    src.ok("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    let state = src.sock.with_file_name("vm.state");
+    let mem = src.sock.with_file_name("vm.mem");
+    let body = |state: &std::path::Path| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        )
+    };
+    // A path the host cannot write: refused, and the VM is left paused,
+    // ready for another try.
+    let nowhere = src.sock.with_file_name("no/such/dir/../vm.state");
+    src.fault("PUT", "/snapshot/create", Some(&body(&nowhere)), "snapshot file");
+    let info: serde_json::Value = serde_json::from_str(&src.ok("GET", "/", None).body).unwrap();
+    assert_eq!(info["state"], "Paused");
+    // Eight clients keep the API busy while the snapshot is written.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut answered = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        assert_eq!(src.call("GET", "/", None).status, 200);
+                        answered += 1;
+                    }
+                    answered
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(src.ok("PUT", "/snapshot/create", Some(&body(&state))).status, 204);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in clients {
+            assert!(c.join().unwrap() > 0, "every client was answered");
+        }
+    });
+    let before = *flood_numbers(&src.console.lock().unwrap()).last().unwrap();
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+
+    // The restored guest floods on from where it was, not from 1.
+    let dst = Vmm::start("snapshot-flood-dst");
+    dst.ok(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &mem, r#", "resume_vm": true"#)),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        if let Some(n) = flood_numbers(&dst.console.lock().unwrap()).first() {
+            break *n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored guest printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        after >= before,
+        "flood {after} after the restore, {before} before"
+    );
+    assert!(!dst.console.lock().unwrap().contains("booting"));
+}
