@@ -127,10 +127,13 @@ static void say(const char *a, u32 n, const char *b)
     console_unlock();
 }
 
+/* The event queue's size (the other two have QN entries). */
+#define EVQ 4
+
 static void push(u32 which, u16 d)
 {
     struct vq *v = &q[which];
-    v->avail.ring[v->avail.idx % QN] = d;
+    v->avail.ring[v->avail.idx % (which == 2 ? EVQ : QN)] = d;
     barrier();
     v->avail.idx++;
     v->dirty = 1;
@@ -142,18 +145,13 @@ static void post_rx(u32 i)
     push(0, (u16)i);
 }
 
-/* The event queue (size EVQ): buffers for the device's events. */
-#define EVQ 4
+/* Buffers for the device's events. */
 static u32 ev_buf[EVQ] = {0};
 
 static void post_event(u16 i)
 {
-    struct vq *v = &q[2];
-    v->desc[i] = (struct vdesc){(u64)&ev_buf[i], sizeof(ev_buf[i]), 2, 0};
-    v->avail.ring[v->avail.idx % EVQ] = i;
-    barrier();
-    v->avail.idx++;
-    v->dirty = 1;
+    q[2].desc[i] = (struct vdesc){(u64)&ev_buf[i], sizeof(ev_buf[i]), 2, 0};
+    push(2, i);
 }
 
 /* VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a snapshot restore): every
