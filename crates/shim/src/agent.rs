@@ -60,7 +60,7 @@ impl Agent {
     fn open(&self, timeout: Option<Duration>, retry: Duration) -> Result<UnixStream, AgentError> {
         let start = Instant::now();
         loop {
-            match self.open_once(timeout) {
+            match self.open_once(timeout, REQUEST_TIMEOUT) {
                 Err(AgentError::Refused(why)) if start.elapsed() < retry => {
                     log::debug!("the agent's port refused ({why}); again");
                     std::thread::sleep(Duration::from_millis(200));
@@ -70,12 +70,15 @@ impl Agent {
         }
     }
 
-    fn open_once(&self, timeout: Option<Duration>) -> Result<UnixStream, AgentError> {
+    /// One connection; the vsock handshake and the version check may take
+    /// up to `handshake` (a VM whose vsock device is not set up yet holds
+    /// the connection unanswered).
+    fn open_once(&self, timeout: Option<Duration>, handshake: Duration) -> Result<UnixStream, AgentError> {
         let mut s = UnixStream::connect(&self.uds).map_err(|source| AgentError::Connect {
             path: self.uds.display().to_string(),
             source,
         })?;
-        s.set_read_timeout(Some(REQUEST_TIMEOUT))
+        s.set_read_timeout(Some(handshake.max(Duration::from_millis(1))))
             .map_err(|e| AgentError::Frame(e.into()))?;
         s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
             .map_err(|e| AgentError::Frame(e.into()))?;
@@ -171,11 +174,17 @@ impl Agent {
         }
     }
 
-    /// Pings until the agent answers, `vm_alive` says no, or `timeout` passes.
+    /// Pings until the agent answers, `vm_alive` says no, or `timeout` passes
+    /// (no ping outlasts it: a booting VM may hold a connection unanswered).
     pub fn wait_ready(&self, timeout: Duration, vm_alive: impl Fn() -> bool) -> Result<Duration, AgentError> {
         let start = Instant::now();
         loop {
-            let ping = self.call_with(&Request::Ping {}, Some(REQUEST_TIMEOUT), Duration::ZERO);
+            let left = timeout.saturating_sub(start.elapsed()).min(REQUEST_TIMEOUT);
+            let ping = self.open_once(Some(left), left).and_then(|mut s| {
+                write_frame(&mut s, &Request::Ping {})?;
+                let answer: Response = read_frame(&mut s)?;
+                Ok(answer)
+            });
             if matches!(ping, Ok(Response::Ok {})) {
                 return Ok(start.elapsed());
             }
@@ -310,6 +319,34 @@ mod tests {
             Agent::new(&d.join("none")).wait_ready(Duration::from_millis(10), || false),
             Err(AgentError::VmEnded)
         ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_vm_that_holds_the_connection_unanswered_ends_the_wait_in_time() {
+        // A booting VM whose vsock device is not set up: the connection is
+        // accepted and never answered. The wait ends at its own limit, not
+        // at a request's (two minutes).
+        let d = tmp("silent");
+        let uds = d.join("v.sock");
+        let l = UnixListener::bind(&uds).unwrap();
+        let held = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            l.set_nonblocking(true).unwrap();
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                match l.accept() {
+                    Ok((s, _)) => kept.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            kept.len()
+        });
+        let start = Instant::now();
+        let r = Agent::new(&uds).wait_ready(Duration::from_millis(300), || true);
+        assert!(matches!(r, Err(AgentError::NotReady(_))), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        assert!(held.join().unwrap() >= 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -3,13 +3,16 @@
 //! `--runtime io.containerd.flatlet.v2`, each in a flatlet microVM booted
 //! from the project's Linux guest kernel with flatlet-agent as PID 1.
 //!
-//! Slow: every container boots Linux, minutes on nested hosts. One boot by
-//! default (`ctr run --rm`: stdout, stderr, stdin and the exit status);
-//! `FLATLET_CONTAINERD_FULL=1` adds a second (a detached container: `ctr
-//! task exec`, `ctr task ps`, `ctr task kill`). Needs root, /dev/kvm,
-//! containerd and ctr (tools/setup-test-host installs them) and the guest
-//! kernel (FLATLET_LINUX_KERNEL, set by tools/test); skipped without them,
-//! failed under FLATLET_REQUIRE_HOST=1. `FLATLET_SKIP_LINUX=1` skips it.
+//! Slow: the first container boots Linux (a minute or more on nested
+//! hosts) and leaves the shim's template; every later one is restored from
+//! it (seconds). In order: `ctr run --rm` (stdout, stderr, stdin, exit
+//! status), a second from the template, a detached container (`ctr task
+//! exec`, `ps`, `kill`), four at once, a VM killed under its container, a
+//! kernel that does not boot and an agent that never answers; after each,
+//! nothing of it is left. Needs root, /dev/kvm, containerd and ctr
+//! (tools/setup-test-host installs them) and the guest kernel
+//! (FLATLET_LINUX_KERNEL, set by tools/test); skipped without them, failed
+//! under FLATLET_REQUIRE_HOST=1. `FLATLET_SKIP_LINUX=1` skips it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 
 const RUNTIME: &str = "io.containerd.flatlet.v2";
 const IMAGE: &str = "docker.io/flatlet/busybox:latest";
+
 
 fn skip(why: &str) {
     if std::env::var("FLATLET_REQUIRE_HOST").is_ok_and(|v| v == "1")
@@ -162,7 +166,7 @@ fn assert_nothing_left(jail_base: &Path, state_dir: &Path) {
     // Only this test's: their root is a jail under its jail base (another
     // run of this test, or of the benchmark, may be running on the host).
     let ps = Command::new("pgrep")
-        .args(["-f", "^flatlet --id (t[0-9]+|template)-"])
+        .args(["-f", "^flatlet --id ([tb][0-9]+|template)-"])
         .output()
         .unwrap();
     let ours: Vec<String> = text(&ps.stdout)
@@ -217,16 +221,12 @@ fn containerd_runs_containers_in_flatlet_vms() {
     let jail_base = work.join("jail");
     let state_dir = work.join("state");
     let shim_config = work.join("shim.json");
-    std::fs::write(
-        &shim_config,
-        serde_json::json!({
-            "flatlet": bin_dir.join("flatlet"), "jailer": bin_dir.join("flatlet-jailer"),
-            "kernel": kernel, "agent_image": agent_image,
-            "jail_base": jail_base, "state_dir": state_dir,
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let config = serde_json::json!({
+        "flatlet": bin_dir.join("flatlet"), "jailer": bin_dir.join("flatlet-jailer"),
+        "kernel": kernel, "agent_image": agent_image,
+        "jail_base": jail_base, "state_dir": state_dir,
+    });
+    std::fs::write(&shim_config, config.to_string()).unwrap();
 
     let ctd = Containerd::start(&work.join("containerd"), &bin_dir, &shim_config);
     let tar = work.join("busybox-oci.tar");
@@ -292,9 +292,25 @@ fn containerd_runs_containers_in_flatlet_vms() {
     assert_eq!(text(&out.stdout), "hello\n");
     assert_nothing_left(&jail_base, &state_dir);
 
-    if std::env::var("FLATLET_CONTAINERD_FULL").is_ok_and(|v| v == "1") {
-        detached_container(&ctd, &jail_base, &state_dir);
-    }
+    detached_container(&ctd, &jail_base, &state_dir);
+    four_at_once(&ctd, &jail_base, &state_dir);
+    vm_killed_under_its_container(&ctd, &jail_base, &state_dir);
+    // The shim reads its configuration at each create: bad ones, then back.
+    let with = |changes: serde_json::Value| {
+        let mut c = config.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        std::fs::write(&shim_config, c.to_string()).unwrap();
+    };
+    let not_a_kernel = work.join("not-a-kernel");
+    std::fs::write(&not_a_kernel, "not a kernel\n").unwrap();
+    with(serde_json::json!({"kernel": not_a_kernel}));
+    failed_start(&ctd, "b1", "kernel", &jail_base, &state_dir);
+    // A boot (no template) that the agent cannot answer within 2 s.
+    with(serde_json::json!({"template": false, "boot_timeout_secs": 2}));
+    failed_start(&ctd, "b2", "did not answer within 2s", &jail_base, &state_dir);
+    with(serde_json::json!({}));
     drop(ctd);
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -340,20 +356,157 @@ fn detached_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
         "ctr task ps: {}",
         text(&out.stdout)
     );
-    let out = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "t2"]);
+    // SIGTERM, ctr's default: sleep ends with 128 + 15, which `ctr task
+    // rm` reports.
+    let out = ctd.ctr(&["task", "kill", "t2"]);
     assert!(out.status.success(), "ctr task kill: {}", text(&out.stderr));
+    wait_stopped(ctd, "t2");
+    let out = ctd.ctr(&["task", "rm", "t2"]);
+    assert!(
+        out.status.success() && text(&out.stderr).contains("exit code 143"),
+        "ctr task rm: {}",
+        text(&out.stderr)
+    );
+    assert!(ctd.ctr(&["containers", "rm", "t2"]).status.success());
+    assert_nothing_left(jail_base, state_dir);
+    assert_no_shims(ctd);
+}
+
+/// Waits (a minute at most) for `ctr task ls` to show `id` stopped.
+fn wait_stopped(ctd: &Containerd, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
-        if ls.lines().any(|l| l.starts_with("t2 ") && l.contains("STOPPED")) {
-            break;
+        if ls
+            .lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED"))
+        {
+            return;
         }
-        assert!(Instant::now() < deadline, "t2 did not stop: {ls}");
+        assert!(Instant::now() < deadline, "{id} did not stop: {ls}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(ctd.ctr(&["task", "rm", "t2"]).status.success());
-    assert!(ctd.ctr(&["containers", "rm", "t2"]).status.success());
+}
+
+/// No shim of this containerd is left (they end a moment after `ctr`).
+fn assert_no_shims(ctd: &Containerd) {
+    let pattern = format!(
+        "containerd-shim-flatlet-v2 .*{}",
+        ctd.dir.join("containerd.sock").display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ps = Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+        let left = text(&ps.stdout);
+        if left.trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "shims left: {left}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Four containers at once, each in its own VM from the template: each
+/// gets its own output and exit status.
+fn four_at_once(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
+    let results: Vec<(Output, Duration)> = std::thread::scope(|s| {
+        let runs: Vec<_> = (1..=4)
+            .map(|i| {
+                s.spawn(move || {
+                    let id = format!("t1{i}");
+                    let script = format!("echo container-{i}; exit {i}");
+                    ctd.ctr_with_input(
+                        &[
+                            "run",
+                            "--rm",
+                            "--runtime",
+                            RUNTIME,
+                            IMAGE,
+                            &id,
+                            "sh",
+                            "-c",
+                            &script,
+                        ],
+                        b"",
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, (out, took)) in (1..=4).zip(&results) {
+        eprintln!(
+            "containerd: container {i} of 4 at once took {:.1} s",
+            took.as_secs_f64()
+        );
+        assert_eq!(out.status.code(), Some(i), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("container-{i}\n"));
+    }
     assert_nothing_left(jail_base, state_dir);
+    assert_no_shims(ctd);
+}
+
+/// The VM of a running container dies (SIGKILL to flatlet, as a crash of
+/// the VMM or the host's OOM killer would): the task ends with 255, the
+/// shim says why in containerd's log, and `ctr task rm` / `ctr rm` leave
+/// nothing behind.
+fn vm_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t5",
+        "sleep",
+        "3600",
+    ]);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+    let pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with("t5 "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("t5's pid in {ls}"));
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "flatlet", "the task's pid is its VMM");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_stopped(ctd, "t5");
+    let out = ctd.ctr(&["task", "rm", "t5"]);
+    assert!(
+        out.status.success() && text(&out.stderr).contains("exit code 255"),
+        "ctr task rm: {}",
+        text(&out.stderr)
+    );
+    let log = std::fs::read_to_string(ctd.dir.join("containerd.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("t5: lost process") && l.contains("VM ended")),
+        "the shim's log says the VM ended"
+    );
+    assert!(ctd.ctr(&["containers", "rm", "t5"]).status.success());
+    assert_nothing_left(jail_base, state_dir);
+    assert_no_shims(ctd);
+}
+
+/// A container whose VM cannot start: `ctr run` fails with `why` in its
+/// error, and nothing is left.
+fn failed_start(ctd: &Containerd, id: &str, why: &str, jail_base: &Path, state_dir: &Path) {
+    let (out, took) = ctd.ctr_with_input(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "true"], b"");
+    let stderr = text(&out.stderr);
+    eprintln!(
+        "containerd: {id} failed in {:.1} s: {}",
+        took.as_secs_f64(),
+        stderr.trim()
+    );
+    assert!(!out.status.success(), "{id} ran");
+    assert!(stderr.contains(why), "{id}: {why:?} in {stderr:?}");
+    let out = ctd.ctr(&["containers", "ls", "-q"]);
+    assert_eq!(text(&out.stdout).trim(), "", "ctr run --rm removed {id}");
+    assert_nothing_left(jail_base, state_dir);
+    assert_no_shims(ctd);
 }
 
 fn nix_is_root() -> bool {
