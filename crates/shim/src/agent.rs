@@ -185,8 +185,11 @@ impl Agent {
                 let answer: Response = read_frame(&mut s)?;
                 Ok(answer)
             });
-            if matches!(ping, Ok(Response::Ok {})) {
-                return Ok(start.elapsed());
+            match ping {
+                Ok(Response::Ok {}) => return Ok(start.elapsed()),
+                // An agent of another version will not change its mind.
+                Err(e @ AgentError::Version { .. }) => return Err(e),
+                _ => {}
             }
             if !vm_alive() {
                 return Err(AgentError::VmEnded);
@@ -276,6 +279,15 @@ mod tests {
             Err(AgentError::Version { theirs, .. }) => assert_eq!(theirs, PROTOCOL_VERSION + 1),
             other => panic!("expected a version error, got {other:?}"),
         }
+        assert_eq!(h.join().unwrap(), None);
+        // Waiting for the agent to come up ends at once (the agent is up).
+        let (uds, h) = fake(&d, PROTOCOL_VERSION + 1, Response::Ok {});
+        let start = Instant::now();
+        match Agent::new(&uds).wait_ready(Duration::from_secs(60), || true) {
+            Err(AgentError::Version { theirs, .. }) => assert_eq!(theirs, PROTOCOL_VERSION + 1),
+            other => panic!("expected a version error, got {other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
         assert_eq!(h.join().unwrap(), None);
         std::fs::remove_dir_all(&d).unwrap();
     }
