@@ -23,8 +23,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The protocol version. Bumped on any incompatible change; the shim
-/// refuses an agent whose version differs.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// refuses an agent whose version differs. Version 2: processes with a
+/// terminal (version 1 refused them, and `resize_pty`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -102,7 +103,10 @@ pub struct ProcessSpec {
     pub gid: u32,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
-    /// Run it on a pseudo-terminal (stdout carries the terminal; no stderr).
+    /// Run it on a pseudo-terminal of its container: the terminal is its
+    /// stdin, stdout and stderr, and its controlling terminal; the stdin
+    /// stream feeds it, the stdout stream carries everything it prints
+    /// (no stderr stream may be attached).
     pub terminal: bool,
 }
 
@@ -164,7 +168,9 @@ pub enum Request {
         /// The process's exec id.
         exec_id: String,
     },
-    /// A new terminal size (processes started with `terminal`).
+    /// A new window size for the terminal of a process started with
+    /// `terminal` (its foreground process group gets SIGWINCH); nothing
+    /// once it has exited.
     ResizePty {
         /// The container's id.
         container_id: String,

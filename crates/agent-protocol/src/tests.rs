@@ -104,6 +104,47 @@ fn the_wire_format_is_the_documented_one() {
     let mut buf = Vec::new();
     write_frame(&mut buf, &Response::Exited { status: 3 }).unwrap();
     assert_eq!(&buf[4..], br#"{"result":"exited","status":3}"#.as_slice());
+    let mut buf = Vec::new();
+    write_frame(&mut buf, &hello("flatlet-agent 0.1.0")).unwrap();
+    assert_eq!(
+        buf.as_slice(),
+        b"\x00\x00\x00\x2e{\"version\":2,\"software\":\"flatlet-agent 0.1.0\"}".as_slice(),
+        "PROTOCOL.md's example"
+    );
+}
+
+#[test]
+fn terminal_requests_have_the_documented_form() {
+    let mut buf = Vec::new();
+    write_frame(
+        &mut buf,
+        &Request::ResizePty {
+            container_id: "c".into(),
+            exec_id: "e".into(),
+            rows: 37,
+            cols: 101,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        &buf[4..],
+        br#"{"op":"resize_pty","container_id":"c","exec_id":"e","rows":37,"cols":101}"#.as_slice()
+    );
+    let spec = ProcessSpec {
+        args: vec!["sh".into()],
+        terminal: true,
+        ..ProcessSpec::default()
+    };
+    let json = serde_json::to_string(&spec).unwrap();
+    assert!(json.ends_with(r#""terminal":true}"#), "{json}");
+    // Sizes are 16-bit, as the kernel's: a larger one is a bad frame.
+    let body = br#"{"op":"resize_pty","container_id":"c","exec_id":"","rows":65536,"cols":80}"#;
+    let mut buf = (body.len() as u32).to_be_bytes().to_vec();
+    buf.extend_from_slice(body);
+    assert!(matches!(
+        read_frame::<_, Request>(&mut buf.as_slice()),
+        Err(FrameError::Json(_))
+    ));
 }
 
 #[test]

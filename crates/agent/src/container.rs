@@ -1,11 +1,12 @@
 //! Containers and their processes: what the agent knows, behind one lock.
 //!
 //! A container is a root file system mounted at a slot directory of the
-//! agent's (read-only) image, `/containers/<n>`, with `/proc`, `/sys` and
-//! `/dev` mounted in it. Its processes are children of the agent (each
-//! through the exec helper); one reaper thread collects every child's exit
-//! status, so a process is spawned under the lock and its pid recorded
-//! before the reaper can see it.
+//! agent's (read-only) image, `/containers/<n>`, with `/proc`, `/sys`,
+//! `/dev` and a devpts of its own at `/dev/pts` mounted in it (its
+//! processes' terminals come from there). Its processes are children of
+//! the agent (each through the exec helper); one reaper thread collects
+//! every child's exit status, so a process is spawned under the lock and
+//! its pid recorded before the reaper can see it.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -22,6 +23,7 @@ use nix::unistd::Pid;
 use socket2::Socket;
 
 use crate::helper;
+use crate::pty::{self, Terminal};
 
 /// Slot directories in the agent's image (tools/build-agent-image makes them).
 pub const SLOTS: usize = 16;
@@ -49,10 +51,12 @@ pub enum ContainerError {
     TooManyProcesses,
     #[error("an empty argument list")]
     NoArgs,
-    #[error("process {0:?} has a terminal, which this agent does not offer yet")]
-    Terminal(String),
+    #[error("process {0:?} has a terminal, which is its stdout: no stderr stream may be attached")]
+    TerminalStderr(String),
     #[error("process {0:?} has no terminal")]
     NoTerminal(String),
+    #[error("process {0:?} has not started")]
+    NotStarted(String),
     #[error("{what}: {source}")]
     Sys { what: String, source: nix::Error },
     #[error("{what}: {source}")]
@@ -77,6 +81,11 @@ struct Process {
     stderr: Option<Socket>,
     /// The agent's own handle on the stdin stream, for `CloseStdin`.
     stdin_kept: Option<Socket>,
+    /// Started with a terminal.
+    tty: bool,
+    /// Its terminal while it runs (dropped at its exit: the output relay
+    /// then finishes).
+    terminal: Option<Terminal>,
     exit: Option<i32>,
 }
 
@@ -165,13 +174,12 @@ impl State {
     }
 
     /// Starts a process in the container, with the streams attached to it
-    /// (the others are /dev/null). Returns its pid.
+    /// (the others are /dev/null), or, with `terminal`, on a new terminal
+    /// of the container that the agent relays to stdin and stdout.
+    /// Returns its pid.
     pub fn start(&self, id: &str, exec_id: &str, spec: &ProcessSpec) -> Result<u32, ContainerError> {
         if spec.args.is_empty() {
             return Err(ContainerError::NoArgs);
-        }
-        if spec.terminal {
-            return Err(ContainerError::Terminal(exec_id.to_string()));
         }
         let json = serde_json::to_string(spec).map_err(|e| io("the spec")(e.into()))?;
         let mut inner = self.lock();
@@ -196,20 +204,40 @@ impl State {
             Some(s) => Some(s.try_clone().map_err(io("keeping stdin"))?),
             None => None,
         };
+        let (streams, terminal) = if spec.terminal {
+            if p.stderr.is_some() {
+                return Err(ContainerError::TerminalStderr(exec_id.to_string()));
+            }
+            let ptmx = dir.join("dev/ptmx");
+            let (master, slave) =
+                pty::open_pair(&ptmx).map_err(sys(format!("a terminal from {}", ptmx.display())))?;
+            let dup = |f: &File| f.try_clone().map(Stdio::from).map_err(io("the terminal"));
+            let streams = [dup(&slave)?, dup(&slave)?, Stdio::from(slave)];
+            // The relays run before the process: nothing fails after it started.
+            let terminal = Terminal::start(master, p.stdin.take(), p.stdout.take())
+                .map_err(io("the terminal's relays"))?;
+            (streams, Some(terminal))
+        } else {
+            let streams = [p.stdin.take(), p.stdout.take(), p.stderr.take()].map(stdio);
+            (streams, None)
+        };
+        let [stdin, stdout, stderr] = streams;
         let child = Command::new("/proc/self/exe")
             .arg(helper::FLAG)
             .arg(&dir)
             .arg(json)
             .env_clear()
-            .stdin(stdio(p.stdin.take()))
-            .stdout(stdio(p.stdout.take()))
-            .stderr(stdio(p.stderr.take()))
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .map_err(io("starting the exec helper"))?;
         // The Child is not waited for here: the reaper collects it.
         let pid = child.id();
         p.pid = Some(pid as i32);
         p.stdin_kept = stdin_kept;
+        p.tty = spec.terminal;
+        p.terminal = terminal;
         Ok(pid)
     }
 
@@ -280,15 +308,27 @@ impl State {
         Ok(())
     }
 
-    /// A terminal size: only for processes with a terminal (none yet).
-    pub fn resize(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+    /// A new window size for the process's terminal (nothing once it has
+    /// exited: a resize may cross the exit).
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), ContainerError> {
         let inner = self.lock();
         let c = inner
             .containers
             .get(id)
             .ok_or_else(|| ContainerError::NoContainer(id.to_string()))?;
-        process(c, id, exec_id)?;
-        Err(ContainerError::NoTerminal(exec_id.to_string()))
+        let p = process(c, id, exec_id)?;
+        if p.pid.is_none() {
+            return Err(ContainerError::NotStarted(exec_id.to_string()));
+        }
+        if !p.tty {
+            return Err(ContainerError::NoTerminal(exec_id.to_string()));
+        }
+        match &p.terminal {
+            Some(t) => t
+                .resize(rows, cols)
+                .map_err(sys(format!("setting the terminal's size to {rows}x{cols}"))),
+            None => Ok(()),
+        }
     }
 
     /// The pids whose root is the container's.
@@ -327,7 +367,7 @@ impl State {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for sub in ["dev", "sys", "proc", ""] {
+        for sub in MOUNTED {
             let _ = umount2(&dir.join(sub), MntFlags::MNT_DETACH);
         }
         let mut inner = self.lock();
@@ -350,6 +390,7 @@ impl State {
             Some(p) => {
                 p.exit = Some(status);
                 p.stdin_kept = None;
+                p.terminal = None;
             }
             None => {
                 if inner.orphans.len() >= MAX_ORPHANS {
@@ -400,17 +441,26 @@ fn mount_container(dir: &Path, rootfs: &Rootfs) -> Result<(), ContainerError> {
         dir.display()
     )))?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    for (fstype, sub, flags) in [
-        ("proc", "proc", nosuid),
-        ("sysfs", "sys", nosuid | MsFlags::MS_RDONLY),
-        ("devtmpfs", "dev", MsFlags::MS_NOSUID),
+    for (fstype, sub, flags, data) in [
+        ("proc", "proc", nosuid, None),
+        ("sysfs", "sys", nosuid | MsFlags::MS_RDONLY, None),
+        ("devtmpfs", "dev", MsFlags::MS_NOSUID, None),
+        // The container's own terminals (runc's options): its /dev/ptmx
+        // (devtmpfs's) opens the devpts mounted beside it, here.
+        (
+            "devpts",
+            "dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
     ] {
         let target = dir.join(sub);
-        if !rootfs.readonly {
+        // /dev/pts is in the devtmpfs, which is writable.
+        if !rootfs.readonly || fstype == "devpts" {
             let _ = std::fs::create_dir_all(&target);
         }
-        if let Err(e) = mount(Some(fstype), &target, Some(fstype), flags, None::<&str>) {
-            for undo in ["dev", "sys", "proc", ""] {
+        if let Err(e) = mount(Some(fstype), &target, Some(fstype), flags, data) {
+            for undo in MOUNTED {
                 let _ = umount2(&dir.join(undo), MntFlags::MNT_DETACH);
             }
             return Err(sys(format!("mounting {fstype} on {}", target.display()))(e));
@@ -418,6 +468,10 @@ fn mount_container(dir: &Path, rootfs: &Rootfs) -> Result<(), ContainerError> {
     }
     Ok(())
 }
+
+/// What `mount_container` mounts in a container's directory (and the
+/// directory itself, `""`), in the order to unmount it.
+const MOUNTED: [&str; 5] = ["dev/pts", "dev", "sys", "proc", ""];
 
 /// Processes whose root directory is `dir`.
 fn pids_in(dir: &Path) -> Vec<u32> {

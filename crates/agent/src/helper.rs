@@ -1,17 +1,22 @@
 //! The exec helper: between the agent's fork and the container's process.
 //! It runs as `flatlet-agent --exec-helper ROOT SPEC_JSON` with the
-//! process's standard streams already in place, enters ROOT, takes the
-//! spec's user and groups, goes to its working directory and execs its
+//! process's standard streams already in place, starts a session (with
+//! `terminal`, the terminal on its stdin becomes the session's controlling
+//! terminal, owned by the spec's user, as runc does), enters ROOT, takes
+//! the spec's user and groups, goes to its working directory and execs its
 //! `args` with its environment. Failing, it says why on stderr (the
 //! container's) and exits 127 (no such program) or 126 (anything else),
 //! as a shell does.
 
 use std::ffi::CString;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use flatlet_agent_protocol::ProcessSpec;
-use nix::unistd::{Gid, Uid, chdir, chroot, execve, setgid, setgroups, setsid, setuid};
+use nix::unistd::{Gid, Uid, chdir, chroot, execve, fchown, setgid, setgroups, setsid, setuid};
+
+use crate::pty;
 
 /// The first argument that selects the helper.
 pub const FLAG: &str = "--exec-helper";
@@ -64,6 +69,14 @@ fn run(args: &[String]) -> Result<Never, HelperError> {
     }
     // A session of its own: signals to the group reach it and its children.
     setsid().map_err(sys("setsid"))?;
+    if spec.terminal {
+        let tty = std::io::stdin();
+        pty::make_controlling(tty.as_fd()).map_err(sys("making stdin the controlling terminal"))?;
+        // The agent opened it (root's); the process may open it again by
+        // its name. Only the owner changes (runc's fixStdioPermissions).
+        fchown(tty.as_fd(), Some(Uid::from_raw(spec.uid)), None)
+            .map_err(sys(format!("giving the terminal to uid {}", spec.uid)))?;
+    }
     chroot(root.as_str()).map_err(sys(format!("chroot {root}")))?;
     chdir("/").map_err(sys("chdir /"))?;
     let cwd = if spec.cwd.is_empty() {

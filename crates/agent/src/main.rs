@@ -13,6 +13,7 @@
 mod container;
 mod helper;
 mod init;
+mod pty;
 mod server;
 
 fn main() {

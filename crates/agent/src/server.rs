@@ -104,9 +104,10 @@ fn handle(request: Request, state: &State) -> Result<Response, ContainerError> {
         Request::ResizePty {
             container_id,
             exec_id,
-            ..
+            rows,
+            cols,
         } => {
-            state.resize(&container_id, &exec_id)?;
+            state.resize(&container_id, &exec_id, rows, cols)?;
             ok
         }
         Request::ListProcesses { container_id } => Response::Pids {
