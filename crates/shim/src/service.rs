@@ -232,7 +232,12 @@ impl Service {
                 [p.stdin.clone(), p.stdout.clone(), p.stderr.clone()],
             )
         };
-        let [stdin, stdout, stderr] = paths;
+        let [stdin, stdout, mut stderr] = paths;
+        if spec.terminal {
+            // The terminal carries everything on stdout (containerd passes
+            // no stderr for a terminal).
+            stderr.clear();
+        }
         let mut outputs = Outputs::default();
         let mut stdin_handle = None;
         // Our own handles on the streams: a start that fails closes them, so
@@ -433,14 +438,10 @@ impl containerd_shim::Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let config = Config::load().map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
-        let (spec, _annotations) =
+        let (mut spec, _annotations) =
             read_bundle(Path::new(&req.bundle)).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-        if spec.terminal || req.terminal {
-            return Err(err(
-                Code::UNIMPLEMENTED,
-                "flatlet: containers with a terminal are not supported yet",
-            ));
-        }
+        // A terminal, asked by the spec or by the I/O (containerd sets both).
+        spec.terminal |= req.terminal;
         if self.container(&req.id).is_ok() {
             return Err(err(Code::ALREADY_EXISTS, format!("container {} exists", req.id)));
         }
@@ -632,13 +633,8 @@ impl containerd_shim::Task for Service {
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id)?;
         let json = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
-        let spec = parse_process(&json).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-        if spec.terminal || req.terminal {
-            return Err(err(
-                Code::UNIMPLEMENTED,
-                "flatlet: processes with a terminal are not supported yet",
-            ));
-        }
+        let mut spec = parse_process(&json).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        spec.terminal |= req.terminal;
         {
             let mut procs = c.procs();
             if procs.contains_key(&req.exec_id) {

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 const RUNTIME: &str = "io.containerd.flatlet.v2";
 const IMAGE: &str = "docker.io/flatlet/busybox:latest";
 
+#[path = "containerd/terminal.rs"]
+mod terminal;
 
 fn skip(why: &str) {
     if std::env::var("FLATLET_REQUIRE_HOST").is_ok_and(|v| v == "1")
@@ -292,6 +294,7 @@ fn containerd_runs_containers_in_flatlet_vms() {
     assert_eq!(text(&out.stdout), "hello\n");
     assert_nothing_left(&jail_base, &state_dir);
 
+    terminal::terminal_container(&ctd, &jail_base, &state_dir);
     detached_container(&ctd, &jail_base, &state_dir);
     four_at_once(&ctd, &jail_base, &state_dir);
     vm_killed_under_its_container(&ctd, &jail_base, &state_dir);
