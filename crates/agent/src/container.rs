@@ -238,6 +238,8 @@ impl State {
         p.stdin_kept = stdin_kept;
         p.tty = spec.terminal;
         p.terminal = terminal;
+        // The reaper may be waiting for a first child.
+        self.changed.notify_all();
         Ok(pid)
     }
 
@@ -409,9 +411,31 @@ impl State {
                 Ok(WaitStatus::Exited(pid, code)) => self.exited(pid.as_raw(), code),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => self.exited(pid.as_raw(), 128 + sig as i32),
                 Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(nix::Error::ECHILD) => self.await_child(),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// No children: sleeps until `start` has made one. Polling waitpid
+    /// instead (every 50 ms) kept the guest kernel busy, with its timer
+    /// tick running, from boot to the first process: emulated ring-0 work
+    /// on nested hosts.
+    fn await_child(&self) {
+        let live = |i: &Inner| {
+            i.containers
+                .values()
+                .flat_map(|c| c.processes.values())
+                .any(|p| p.pid.is_some() && p.exit.is_none())
+        };
+        let inner = self.lock();
+        if live(&inner) {
+            // Started but not yet a child (cannot happen): no busy loop.
+            drop(inner);
+            std::thread::sleep(Duration::from_millis(50));
+            return;
+        }
+        drop(self.changed.wait_while(inner, |i| !live(i)));
     }
 }
 
