@@ -42,6 +42,17 @@ pub struct Config {
     pub boot_timeout_secs: u64,
     /// The jailer's chroot base (jails go in `<base>/flatlet/<id>`).
     pub jail_base: PathBuf,
+    /// The cgroup each VM's cgroup goes in (the jailer's
+    /// `--parent-cgroup`), under every controller it uses.
+    pub parent_cgroup: String,
+    /// The host's cgroup version for the jailer: 1 (a controller per
+    /// hierarchy) or 2 (unified).
+    pub cgroup_version: u8,
+    /// cgroup settings for each VM (`FILE=VALUE`, the jailer's
+    /// `--cgroup`), e.g. `memory.limit_in_bytes=335544320`; every VM also
+    /// gets `pids.max` (its vCPUs and a few more threads: the VMM never
+    /// forks).
+    pub cgroups: Vec<String>,
     /// Per-container files: `<state_dir>/<namespace>/<id>`.
     pub state_dir: PathBuf,
     /// The user and group flatlet runs as in its jail.
@@ -65,6 +76,9 @@ impl Default for Config {
             mem_mib: 256,
             boot_timeout_secs: 900,
             jail_base: "/var/lib/flatlet-shim/jail".into(),
+            parent_cgroup: "flatlet".into(),
+            cgroup_version: 1,
+            cgroups: Vec::new(),
             state_dir: "/var/lib/flatlet-shim/state".into(),
             uid: 65534,
             gid: 65534,
@@ -108,6 +122,20 @@ impl Config {
         if self.mem_mib < 64 {
             return Err(format!("mem_mib {} is under 64", self.mem_mib));
         }
+        let cgroup = Path::new(&self.parent_cgroup);
+        if self.parent_cgroup.is_empty()
+            || !cgroup
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!(
+                "parent_cgroup {:?} must be a relative path without . or ..",
+                self.parent_cgroup
+            ));
+        }
+        if !matches!(self.cgroup_version, 1 | 2) {
+            return Err(format!("cgroup_version {} is not 1 or 2", self.cgroup_version));
+        }
         for (name, p) in [("jail_base", &self.jail_base), ("state_dir", &self.state_dir)] {
             if !p.is_absolute() {
                 return Err(format!("{name} must be an absolute path"));
@@ -135,6 +163,10 @@ mod tests {
             r#"{"mem_mib": 8}"#,
             r#"{"vcpus": 0}"#,
             r#"{"state_dir": "rel"}"#,
+            r#"{"parent_cgroup": "../escape"}"#,
+            r#"{"parent_cgroup": "/abs"}"#,
+            r#"{"parent_cgroup": ""}"#,
+            r#"{"cgroup_version": 3}"#,
             r#"{"nope": 1}"#,
         ] {
             std::fs::write(&f, bad).unwrap();

@@ -28,7 +28,7 @@ use crate::agent::Agent;
 use crate::config::Config;
 use crate::spec::{SANDBOX_ID_ANNOTATION, parse_process, read_bundle};
 use crate::stdio::{Input, Outputs};
-use crate::vm::{Vm, clean_jail, jail_id};
+use crate::vm::{Vm, clean_after_shim, clean_jail, jail_id};
 use crate::{image, stdio, template};
 
 /// The container's drive in the guest: the second virtio-blk device.
@@ -161,7 +161,7 @@ impl Service {
                 .ok()
         });
         let jail = jail_id(&self.inner.namespace, &req.id);
-        clean_jail(&config.jailer, &config.jail_base, &jail).map_err(|e| e.to_string())?;
+        clean_jail(config, &jail).map_err(|e| e.to_string())?;
         let vm = Vm::start(
             config,
             &jail,
@@ -388,20 +388,14 @@ impl containerd_shim::Shim for Service {
             .unwrap_or_default();
         if let Ok(config) = Config::load() {
             let workdir = Self::workdir(&config, &self.inner.namespace, &id);
-            if let Ok(pid) = std::fs::read_to_string(workdir.join("vmm.pid"))
-                && let Ok(pid) = pid.trim().parse::<i32>()
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                std::thread::sleep(Duration::from_millis(200));
+            let pid = std::fs::read_to_string(workdir.join("vmm.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            let jail = jail_id(&self.inner.namespace, &id);
+            if let Err(e) = clean_after_shim(&config, &jail, pid) {
+                // containerd logs what a failed `delete` says.
+                eprintln!("flatlet: cleaning up after the shim of {id}: {e}");
             }
-            let _ = clean_jail(
-                &config.jailer,
-                &config.jail_base,
-                &jail_id(&self.inner.namespace, &id),
-            );
             let _ = std::fs::remove_dir_all(&workdir);
         }
         image::unmount_rootfs(Path::new("rootfs"));

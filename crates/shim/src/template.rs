@@ -82,7 +82,7 @@ fn build(config: &Config, dir: &Path) -> Result<(), String> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let jail = format!("template-{name}");
-    clean_jail(&config.jailer, &config.jail_base, &jail).map_err(|e| e.to_string())?;
+    clean_jail(config, &jail).map_err(|e| e.to_string())?;
     let console = dir.join("console.log");
     let vm = Vm::start(config, &jail, &placeholder, &console, None).map_err(|e| e.to_string())?;
     let result = Agent::new(&vm.vsock())

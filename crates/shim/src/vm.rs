@@ -24,6 +24,10 @@ const GUEST_CID: u32 = 3;
 /// `PUT /snapshot/load` of a template, in the clone's jail.
 const SNAPSHOT_LOAD: &str = r#"{"snapshot_path": "/template.state",
     "mem_backend": {"backend_type": "File", "backend_path": "/template.mem"}, "resume_vm": true}"#;
+/// flatlet's threads besides its vCPUs (API, VMM, signal and helper
+/// threads), with room to spare: its cgroup's `pids.max` is this plus the
+/// vCPUs.
+const VMM_THREADS: u32 = 16;
 /// The jailer's exec-file name, the jail's directory name under the base.
 const EXEC_NAME: &str = "flatlet";
 
@@ -74,8 +78,7 @@ pub struct Vm {
     root: PathBuf,
     pid: u32,
     exit: Arc<(Mutex<Option<i32>>, Condvar)>,
-    jail_base: PathBuf,
-    jailer: PathBuf,
+    config: Config,
 }
 
 impl Vm {
@@ -106,6 +109,13 @@ impl Vm {
             .arg(config.gid.to_string())
             .arg("--chroot-base-dir")
             .arg(&config.jail_base)
+            .arg("--parent-cgroup")
+            .arg(&config.parent_cgroup)
+            .arg("--cgroup-version")
+            .arg(config.cgroup_version.to_string())
+            .arg("--cgroup")
+            .arg(format!("pids.max={}", u32::from(config.vcpus) + VMM_THREADS))
+            .args(config.cgroups.iter().flat_map(|c| ["--cgroup", c.as_str()]))
             .args(["--", "--api-sock", "/api.sock"])
             .stdin(Stdio::null())
             .stdout(log)
@@ -120,8 +130,7 @@ impl Vm {
             root,
             pid: child.id(),
             exit: Arc::new((Mutex::new(None), Condvar::new())),
-            jail_base: config.jail_base.clone(),
-            jailer: config.jailer.clone(),
+            config: config.clone(),
         };
         vm.watch(child);
         let shown = console.display().to_string();
@@ -267,22 +276,64 @@ impl Vm {
                 self.wait_exit(Duration::from_secs(5));
             }
         }
-        clean_jail(&self.jailer, &self.jail_base, &self.jail_id)
+        clean_jail(&self.config, &self.jail_id)
     }
+}
+
+/// After a shim died: ends the VMM it left, if `pid` is still that jail's
+/// flatlet (a pid file outlives its process, and pids are reused), then
+/// removes the jail and its cgroups once the VMM is gone.
+pub fn clean_after_shim(config: &Config, jail_id: &str, pid: Option<i32>) -> Result<(), VmError> {
+    if let Some(pid) = pid.filter(|p| *p > 0 && is_vmm_of(*p, jail_id)) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_vmm_of(pid, jail_id) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The jailer refuses while anything still runs in the jail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match clean_jail(config, jail_id) {
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("{e}; again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `pid` is a live `flatlet --id <jail_id>`.
+fn is_vmm_of(pid: i32, jail_id: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_is_vmm_of(&c, jail_id))
+}
+
+/// Whether a `/proc/<pid>/cmdline` is the jailer's exec of flatlet for
+/// `jail_id` (a zombie's is empty).
+fn cmdline_is_vmm_of(cmdline: &[u8], jail_id: &str) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    args.next() == Some(EXEC_NAME.as_bytes())
+        && args.next() == Some(b"--id".as_slice())
+        && args.next() == Some(jail_id.as_bytes())
 }
 
 /// `flatlet-jailer clean`: the jail directory and its cgroups (nothing if
 /// there is no jail).
-pub fn clean_jail(jailer: &Path, base: &Path, jail_id: &str) -> Result<(), VmError> {
-    if !base.join(EXEC_NAME).join(jail_id).exists() {
+pub fn clean_jail(config: &Config, jail_id: &str) -> Result<(), VmError> {
+    if !config.jail_base.join(EXEC_NAME).join(jail_id).exists() {
         return Ok(());
     }
-    let out = Command::new(jailer)
+    let out = Command::new(&config.jailer)
         .args(["clean", "--id", jail_id, "--chroot-base-dir"])
-        .arg(base)
+        .arg(&config.jail_base)
+        .arg("--parent-cgroup")
+        .arg(&config.parent_cgroup)
+        .arg("--cgroup-version")
+        .arg(config.cgroup_version.to_string())
         .output()
         .map_err(|source| VmError::Spawn {
-            what: jailer.display().to_string(),
+            what: config.jailer.display().to_string(),
             source,
         })?;
     if !out.status.success() {
@@ -333,6 +384,25 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_live_flatlet_of_that_jail_is_its_vmm() {
+        let id = "t1-0123456789abcdef";
+        assert!(cmdline_is_vmm_of(
+            b"flatlet\0--id\0t1-0123456789abcdef\0--api-sock\0/api.sock\0",
+            id
+        ));
+        for other in [
+            b"".as_slice(),
+            b"flatlet\0--id\0t1-0123456789abcdef0\0",
+            b"flatlet\0--id\0t2-0123456789abcdef\0",
+            b"sleep\0--id\0t1-0123456789abcdef\0",
+            b"flatlet\0--api-sock\0/api.sock\0",
+        ] {
+            assert!(!cmdline_is_vmm_of(other, id), "{other:?}");
+        }
+        assert!(!is_vmm_of(std::process::id() as i32, id), "the test itself");
+    }
 
     #[test]
     fn jail_ids_are_what_the_jailer_takes_and_differ_per_namespace() {

@@ -163,22 +163,54 @@ fn assert_nothing_left(jail_base: &Path, state_dir: &Path) {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(files.is_empty(), "per-container files left: {files:?}");
-    // flatlet in a jail runs as `flatlet --id <jail id> ...`; the jail ids
-    // of this test's containers and template.
-    // Only this test's: their root is a jail under its jail base (another
-    // run of this test, or of the benchmark, may be running on the host).
+    // flatlet in a jail runs as `flatlet --id <jail id> ...`. Only this
+    // run's count (another run of this test, or the benchmark, may be
+    // running on the host): those in its own parent cgroup.
     let ps = Command::new("pgrep")
-        .args(["-f", "^flatlet --id ([tb][0-9]+|template)-"])
+        .args(["-f", "^flatlet --id "])
         .output()
         .unwrap();
+    let parent = format!("/{}/", cgroup_parent(jail_base));
     let ours: Vec<String> = text(&ps.stdout)
         .lines()
         .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|root| root.starts_with(jail_base))
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&parent))
         })
         .map(str::to_owned)
         .collect();
     assert!(ours.is_empty(), "processes left: {ours:?}");
+    let cgroups: Vec<_> = cgroup_dirs(jail_base)
+        .into_iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
+
+/// The cgroup this run's VMs go in (the shim's `parent_cgroup`): named
+/// after the run's directory, which holds `jail_base`.
+fn cgroup_parent(jail_base: &Path) -> String {
+    jail_base
+        .parent()
+        .and_then(|d| d.file_name())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// That cgroup under every hierarchy that has it.
+fn cgroup_dirs(jail_base: &Path) -> Vec<PathBuf> {
+    let parent = cgroup_parent(jail_base);
+    let mut dirs = vec![Path::new("/sys/fs/cgroup").join(&parent)];
+    for e in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        dirs.push(e.path().join(&parent));
+    }
+    dirs.into_iter().filter(|d| d.is_dir()).collect()
 }
 
 #[test]
@@ -227,6 +259,7 @@ fn containerd_runs_containers_in_flatlet_vms() {
         "flatlet": bin_dir.join("flatlet"), "jailer": bin_dir.join("flatlet-jailer"),
         "kernel": kernel, "agent_image": agent_image,
         "jail_base": jail_base, "state_dir": state_dir,
+        "parent_cgroup": cgroup_parent(&jail_base),
     });
     std::fs::write(&shim_config, config.to_string()).unwrap();
 
@@ -314,7 +347,11 @@ fn containerd_runs_containers_in_flatlet_vms() {
     with(serde_json::json!({"template": false, "boot_timeout_secs": 2}));
     failed_start(&ctd, "b2", "did not answer within 2s", &jail_base, &state_dir);
     with(serde_json::json!({}));
+    shim_killed_under_its_container(&ctd, &jail_base, &state_dir);
     drop(ctd);
+    for d in cgroup_dirs(&jail_base) {
+        let _ = std::fs::remove_dir(d);
+    }
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -475,6 +512,20 @@ fn vm_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: 
         .unwrap_or_else(|| panic!("t5's pid in {ls}"));
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_eq!(comm.trim(), "flatlet", "the task's pid is its VMM");
+    // In its own cgroup under this run's parent, with a pids limit.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let line = cgroup
+        .lines()
+        .find(|l| l.contains(&format!("/{}/", cgroup_parent(jail_base))))
+        .unwrap_or_else(|| panic!("the VMM is not in this run's cgroup: {cgroup}"));
+    let path = line.splitn(3, ':').nth(2).unwrap();
+    let pids_max = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .find_map(|h| std::fs::read_to_string(format!("{h}{path}/pids.max")).ok());
+    assert!(
+        pids_max.is_some_and(|m| m.trim().parse::<u32>().is_ok()),
+        "pids.max of {path}"
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_stopped(ctd, "t5");
     let out = ctd.ctr(&["task", "rm", "t5"]);
@@ -490,6 +541,54 @@ fn vm_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: 
         "the shim's log says the VM ended"
     );
     assert!(ctd.ctr(&["containers", "rm", "t5"]).status.success());
+    assert_nothing_left(jail_base, state_dir);
+    assert_no_shims(ctd);
+}
+
+/// The shim of a running container is killed: containerd runs the shim's
+/// `delete` for it, which ends the VM and removes its jail, cgroups and
+/// files.
+fn shim_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t6",
+        "sleep",
+        "3600",
+    ]);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    let pattern = format!(
+        "containerd-shim-flatlet-v2 .*-id t6 .*{}",
+        ctd.dir.join("containerd.sock").display()
+    );
+    let ps = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status()
+        .unwrap();
+    assert!(ps.success(), "no shim matched {pattern}");
+    // containerd notices the dead shim, runs its `delete` and forgets the task.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+        if !ls.lines().any(|l| l.starts_with("t6 ")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "t6 is still a task: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The task leaves containerd's list as its cleanup starts: give the
+    // shim's `delete` time to end the VM and remove the jail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(jail_base.join("flatlet")).is_ok_and(|mut d| d.next().is_some())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctd.ctr(&["containers", "rm", "t6"]).status.success());
     assert_nothing_left(jail_base, state_dir);
     assert_no_shims(ctd);
 }
