@@ -4,11 +4,29 @@
 //! for the process.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
+
+/// Copies `from` into `to` until end-of-file, with plain reads and writes.
+/// Not `std::io::copy`: between a socket and a FIFO it splices, and a
+/// splice from a socket into a pipe holds the pipe's lock while it waits
+/// for data, so that the FIFO's reader (ctr) cannot read what is in it
+/// until more comes: a prompt, or a terminal's output before the process
+/// reads, was never seen.
+fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// The output relays of one process; `finish` waits for them to drain.
 #[derive(Default)]
@@ -26,7 +44,7 @@ impl Outputs {
             // reader sees end-of-file once this is closed.
             match OpenOptions::new().read(true).write(true).open(&path) {
                 Ok(mut fifo) => {
-                    if let Err(e) = std::io::copy(&mut stream, &mut fifo) {
+                    if let Err(e) = pump(&mut stream, &mut fifo) {
                         log::debug!("relay to {path}: {e}");
                     }
                     let _ = fifo.flush();
@@ -73,7 +91,7 @@ pub fn relay_in(stream: UnixStream, path: String) -> Option<Input> {
         let mut stream = stream;
         match OpenOptions::new().read(true).open(&path) {
             Ok(mut fifo) => {
-                if let Err(e) = std::io::copy(&mut fifo, &mut stream) {
+                if let Err(e) = pump(&mut fifo, &mut stream) {
                     log::debug!("relay from {path}: {e}");
                 }
             }
@@ -83,4 +101,50 @@ pub fn relay_in(stream: UnixStream, path: String) -> Option<Input> {
         let _ = tx.send(());
     });
     Some(Input { handle, done })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::fs::File;
+    use std::io::Read;
+
+    use nix::sys::stat::Mode;
+    use nix::unistd::mkfifo;
+
+    #[test]
+    fn output_reaches_the_fifo_while_the_stream_stays_open() {
+        let dir = std::env::temp_dir().join(format!("flatlet-shim-stdio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("stdout");
+        mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        let (guest, host) = UnixStream::pair().unwrap();
+        let mut outputs = Outputs::default();
+        outputs.relay_out(host, fifo.to_string_lossy().into_owned());
+        // containerd's (ctr's) end: a reader that stays.
+        let (tx, rx) = channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = File::open(&path).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while !got.ends_with(b"prompt> ") {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(got);
+        });
+        // A process that prints a prompt and waits: the stream stays open.
+        (&guest).write_all(b"prompt> ").unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the prompt reached the FIFO's reader while the stream stayed open");
+        assert_eq!(got, b"prompt> ");
+        drop(guest);
+        outputs.finish(Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
