@@ -16,8 +16,10 @@ use flatlet_agent_protocol::{
 const SOFTWARE: &str = concat!("containerd-shim-flatlet-v2 ", env!("CARGO_PKG_VERSION"));
 /// An ordinary request's answer (a nested guest is slow: seconds).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a refused connect to an agent that answered before is retried.
-const CONNECT_RETRY: Duration = Duration::from_secs(30);
+/// How long a refused connect to an agent that answered before is retried
+/// (flatlet gives the guest 2 s to take each connection; a busy emulated
+/// guest on a loaded host missed that for 30 s straight once).
+const CONNECT_RETRY: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

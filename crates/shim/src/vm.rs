@@ -37,7 +37,7 @@ pub enum VmError {
     Spawn { what: String, source: std::io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    #[error("flatlet's API socket did not appear in {0:?} (see {1})")]
+    #[error("flatlet's API socket did not accept a connection in {0:?} (see {1})")]
     NoApi(Duration, String),
     #[error("the VM ended during its set-up (see {0})")]
     Ended(String),
@@ -161,7 +161,9 @@ impl Vm {
     ) -> Result<(), VmError> {
         let api = self.root.join("api.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !api.exists() {
+        // Until it accepts a connection: the socket file exists from
+        // flatlet's bind, a moment before its listen.
+        while UnixStream::connect(&api).is_err() {
             if !self.alive() {
                 return Err(VmError::Ended(console.to_string()));
             }

@@ -114,6 +114,23 @@ impl Containerd {
         self.ctr_cmd(args).stdin(Stdio::null()).output().unwrap()
     }
 
+    /// `ctr run -d` of a container that sleeps for an hour (`--null-io`:
+    /// a detached ctr exits, and nobody would read the FIFOs).
+    fn run_detached(&self, id: &str) {
+        let out = self.ctr(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "3600",
+        ]);
+        assert!(out.status.success(), "ctr run -d {id}: {}", text(&out.stderr));
+    }
+
     /// `ctr args` with `input` on stdin; output, exit code, wall time.
     fn ctr_with_input(&self, args: &[&str], input: &[u8]) -> (Output, Duration) {
         let start = Instant::now();
@@ -355,21 +372,9 @@ fn containerd_runs_containers_in_flatlet_vms() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// A second boot: a long-running container, an exec in it, ps, kill.
+/// A long-running container (from the template): an exec in it, ps, kill.
 fn detached_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
-    // --null-io: a detached ctr exits, and nobody would read the FIFOs.
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t2",
-        "sleep",
-        "3600",
-    ]);
-    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    ctd.run_detached("t2");
     let (out, _) = ctd.ctr_with_input(
         &[
             "task",
@@ -491,18 +496,7 @@ fn four_at_once(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
 /// shim says why in containerd's log, and `ctr task rm` / `ctr rm` leave
 /// nothing behind.
 fn vm_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t5",
-        "sleep",
-        "3600",
-    ]);
-    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    ctd.run_detached("t5");
     let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
     let pid: i32 = ls
         .lines()
@@ -549,18 +543,7 @@ fn vm_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: 
 /// `delete` for it, which ends the VM and removes its jail, cgroups and
 /// files.
 fn shim_killed_under_its_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) {
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t6",
-        "sleep",
-        "3600",
-    ]);
-    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    ctd.run_detached("t6");
     let pattern = format!(
         "containerd-shim-flatlet-v2 .*-id t6 .*{}",
         ctd.dir.join("containerd.sock").display()
