@@ -203,18 +203,7 @@ pub fn terminal_container(ctd: &Containerd, jail_base: &Path, state_dir: &Path) 
     assert_nothing_left(jail_base, state_dir);
 
     // ctr task exec -t in a container that has no terminal.
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "t31",
-        "sleep",
-        "3600",
-    ]);
-    assert!(out.status.success(), "ctr run -d: {}", text(&out.stderr));
+    ctd.run_detached("t31");
     let (rows, cols) = (29, 83);
     let sh = script(rows, cols, 6);
     let mut exec = OnTerminal::start(
