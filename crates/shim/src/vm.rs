@@ -99,20 +99,13 @@ impl Vm {
         let log = File::create(console).map_err(io(format!("creating {}", console.display())))?;
         let log2 = log.try_clone().map_err(io("the console log"))?;
         let child = Command::new(&config.jailer)
-            .arg("--id")
-            .arg(jail_id)
+            .args(location_args(config, jail_id))
             .arg("--exec-file")
             .arg(&config.flatlet)
             .arg("--uid")
             .arg(config.uid.to_string())
             .arg("--gid")
             .arg(config.gid.to_string())
-            .arg("--chroot-base-dir")
-            .arg(&config.jail_base)
-            .arg("--parent-cgroup")
-            .arg(&config.parent_cgroup)
-            .arg("--cgroup-version")
-            .arg(config.cgroup_version.to_string())
             .arg("--cgroup")
             .arg(format!("pids.max={}", u32::from(config.vcpus) + VMM_THREADS))
             .args(config.cgroups.iter().flat_map(|c| ["--cgroup", c.as_str()]))
@@ -320,6 +313,21 @@ fn cmdline_is_vmm_of(cmdline: &[u8], jail_id: &str) -> bool {
         && args.next() == Some(jail_id.as_bytes())
 }
 
+/// Where a jail is, as the jailer takes it both to make the jail and to
+/// clean it: the same values for both, or the clean misses its cgroups.
+fn location_args(config: &Config, jail_id: &str) -> [std::ffi::OsString; 8] {
+    [
+        "--id".into(),
+        jail_id.into(),
+        "--chroot-base-dir".into(),
+        config.jail_base.clone().into(),
+        "--parent-cgroup".into(),
+        config.parent_cgroup.clone().into(),
+        "--cgroup-version".into(),
+        config.cgroup_version.to_string().into(),
+    ]
+}
+
 /// `flatlet-jailer clean`: the jail directory and its cgroups (nothing if
 /// there is no jail).
 pub fn clean_jail(config: &Config, jail_id: &str) -> Result<(), VmError> {
@@ -327,12 +335,8 @@ pub fn clean_jail(config: &Config, jail_id: &str) -> Result<(), VmError> {
         return Ok(());
     }
     let out = Command::new(&config.jailer)
-        .args(["clean", "--id", jail_id, "--chroot-base-dir"])
-        .arg(&config.jail_base)
-        .arg("--parent-cgroup")
-        .arg(&config.parent_cgroup)
-        .arg("--cgroup-version")
-        .arg(config.cgroup_version.to_string())
+        .arg("clean")
+        .args(location_args(config, jail_id))
         .output()
         .map_err(|source| VmError::Spawn {
             what: config.jailer.display().to_string(),
